@@ -1,0 +1,140 @@
+"""Flax linen capsule layers: convolution, primary capsules, routed capsules, decoder."""
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from capsjax.conv import conv2d
+from capsjax.ops import squash
+from capsjax.routing import batched_dynamic_routing
+
+Dtype = Any
+
+
+class Conv2D(nn.Module):
+  """VALID convolution with bias; parameters named and laid out as `nn.Conv`'s.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel side.
+    strides: stride in both directions.
+    impl: 'matmul' or 'xla', see `capsjax.conv.conv2d`.
+    dtype: compute dtype; parameters are kept in param_dtype.
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  impl: str = 'matmul'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [batch, height, width, channels] -> [batch, out_h, out_w, features]."""
+    kernel = self.param(
+        'kernel', nn.initializers.lecun_normal(),
+        (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
+        self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.impl)
+    return y + bias.astype(self.dtype)
+
+
+class PrimaryCapsules(nn.Module):
+  """Convolution whose channels are grouped into capsules, then squashed.
+
+  Attributes:
+    num_types: capsule channel-maps (32 in the paper).
+    capsule_dim: dimension of each capsule (8).
+    kernel_size, strides: of the convolution (9, 2).
+  """
+  num_types: int = 32
+  capsule_dim: int = 8
+  kernel_size: int = 9
+  strides: int = 2
+  conv_impl: str = 'matmul'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [batch, height, width, channels] -> [batch, out_h * out_w * num_types, capsule_dim]."""
+    y = Conv2D(self.num_types * self.capsule_dim, self.kernel_size, self.strides,
+               self.conv_impl, self.dtype, name='conv')(x)
+    return squash(y.reshape(y.shape[0], -1, self.capsule_dim))
+
+
+class RoutedCapsules(nn.Module):
+  """Capsule layer with a learned W_ij per (input, output) pair and dynamic routing.
+
+  The couplings of the last routing iteration are sown into the 'intermediates'
+  collection as 'couplings' [batch, num_in, num_capsules].
+
+  Attributes:
+    num_capsules: parent capsules (one per class, 10).
+    capsule_dim: their dimension (16).
+    routing_iters: routing iterations r (3).
+    stop_inner_gradient: see `capsjax.dynamic_routing`.
+    weight_stddev: standard deviation of the normal init of W.
+  """
+  num_capsules: int = 10
+  capsule_dim: int = 16
+  routing_iters: int = 3
+  stop_inner_gradient: bool = False
+  weight_stddev: float = 0.01
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, u):
+    """u: [batch, num_in, dim_in] -> v [batch, num_capsules, capsule_dim]."""
+    num_in, dim_in = u.shape[-2:]
+    weights = self.param(
+        'weights', nn.initializers.normal(self.weight_stddev),
+        (num_in, self.num_capsules, self.capsule_dim, dim_in), self.param_dtype)
+    u_hat = jnp.einsum('bik,ijdk->bijd', u.astype(self.dtype), weights.astype(self.dtype))
+    v, couplings = batched_dynamic_routing(
+        u_hat, self.routing_iters, stop_inner_gradient=self.stop_inner_gradient)
+    self.sow('intermediates', 'couplings', couplings)
+    return v
+
+
+def decoder_mask(lengths, labels=None):
+  """Which capsules the decoder sees: the labelled ones, else the longest.
+
+  Args:
+    lengths: [batch, num_classes] capsule lengths.
+    labels: None, int [batch] class indices, or [batch, num_classes] multi-hot.
+
+  Returns:
+    [batch, num_classes] float32 mask of 0s and 1s.
+  """
+  num_classes = lengths.shape[-1]
+  if labels is None:
+    return jax.nn.one_hot(jnp.argmax(lengths, axis=-1), num_classes)
+  if labels.ndim == lengths.ndim:
+    return labels.astype(jnp.float32)
+  return jax.nn.one_hot(labels, num_classes)
+
+
+class Decoder(nn.Module):
+  """Reconstructs the input from the masked class capsules (FC ReLU ... FC sigmoid).
+
+  Attributes:
+    output_shape: (height, width, channels) of the reconstructed image.
+    hidden: widths of the hidden ReLU layers (512, 1024).
+  """
+  output_shape: Sequence[int]
+  hidden: Sequence[int] = (512, 1024)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, capsules, mask):
+    """capsules [batch, K, D], mask [batch, K] -> images [batch, *output_shape] in (0, 1)."""
+    x = (capsules * mask[..., None].astype(capsules.dtype)).reshape(capsules.shape[0], -1)
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+    x = nn.Dense(math.prod(self.output_shape), dtype=self.dtype)(x)
+    return nn.sigmoid(x).reshape(x.shape[0], *self.output_shape)

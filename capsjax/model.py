@@ -1,0 +1,119 @@
+"""The paper's CapsNet: Conv1 -> PrimaryCaps -> DigitCaps (routing) -> decoder."""
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutedCapsules, decoder_mask
+from capsjax.ops import safe_norm
+
+
+class CapsNetOutput(NamedTuple):
+  """What `CapsNet` returns for a batch.
+
+  capsules: [batch, num_classes, digit_dim] class capsule vectors.
+  lengths: [batch, num_classes] float32 capsule lengths in [0, 1), the class scores.
+  reconstructions: [batch, height, width, channels] float32 in (0, 1), or None
+    without a decoder.
+  """
+  capsules: jax.Array
+  lengths: jax.Array
+  reconstructions: Optional[jax.Array]
+
+
+class CapsNet(nn.Module):
+  """CapsNet with dynamic routing; the defaults are the paper's MNIST model.
+
+  The input size and channels are taken from the images at `init`.
+
+  Attributes:
+    num_classes: class capsules.
+    conv_features, conv_kernel: Conv1 (256 kernels of 9x9, stride 1, ReLU).
+    primary_types, primary_dim, primary_kernel, primary_strides: PrimaryCaps
+      (32 maps of 8-D capsules, 9x9 convolution, stride 2).
+    digit_dim: dimension of the class capsules (16).
+    routing_iters: routing iterations between PrimaryCaps and DigitCaps (3).
+    stop_inner_gradient: see `capsjax.dynamic_routing` (False: the paper's).
+    use_decoder: build the reconstruction decoder.
+    decoder_hidden: its hidden layer widths (512, 1024).
+    conv_impl: 'matmul' (fast on CPU) or 'xla', see `capsjax.conv.conv2d`.
+    dtype: compute dtype (float32, or bfloat16 for mixed precision); parameters
+      stay float32 and lengths and reconstructions are returned in float32.
+  """
+  num_classes: int = 10
+  conv_features: int = 256
+  conv_kernel: int = 9
+  primary_types: int = 32
+  primary_dim: int = 8
+  primary_kernel: int = 9
+  primary_strides: int = 2
+  digit_dim: int = 16
+  routing_iters: int = 3
+  stop_inner_gradient: bool = False
+  use_decoder: bool = True
+  decoder_hidden: Sequence[int] = (512, 1024)
+  conv_impl: str = 'matmul'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, labels=None):
+    """Classify (and reconstruct) a batch.
+
+    Args:
+      images: [batch, height, width, channels] float in [0, 1].
+      labels: optional int [batch] or multi-hot [batch, num_classes]: the
+        capsules the decoder reconstructs from; without them, the longest.
+
+    Returns:
+      A `CapsNetOutput`.
+    """
+    if images.ndim != 4:
+      raise ValueError(
+          f'images must be [batch, height, width, channels], got shape {images.shape}; '
+          f'add a trailing channel axis to grayscale images (images[..., None]).')
+    x = nn.relu(Conv2D(self.conv_features, self.conv_kernel, 1, self.conv_impl,
+                       self.dtype, name='conv1')(images))
+    u = PrimaryCapsules(self.primary_types, self.primary_dim, self.primary_kernel,
+                        self.primary_strides, self.conv_impl, self.dtype,
+                        name='primary_caps')(x)
+    v = RoutedCapsules(self.num_classes, self.digit_dim, self.routing_iters,
+                       self.stop_inner_gradient, dtype=self.dtype, name='digit_caps')(u)
+    lengths = safe_norm(v.astype(jnp.float32))
+    reconstructions = None
+    if self.use_decoder:
+      decoder = Decoder(images.shape[1:], self.decoder_hidden, self.dtype, name='decoder')
+      reconstructions = decoder(v, decoder_mask(lengths, labels)).astype(jnp.float32)
+    return CapsNetOutput(v, lengths, reconstructions)
+
+
+def parameter_counts(params):
+  """Number of parameters under each top-level module of a params tree, and 'total'.
+
+  Args:
+    params: the 'params' collection of an initialised model.
+
+  Returns:
+    dict of name -> int, in the tree's order, ending with 'total'.
+  """
+  counts = {name: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(sub))
+            for name, sub in params.items()}
+  counts['total'] = sum(counts.values())
+  return counts
+
+
+def init_params(model, rng, image_shape):
+  """Initialise a CapsNet's parameters without running its computation.
+
+  Args:
+    model: a `CapsNet`.
+    rng: PRNG key.
+    image_shape: (height, width, channels) of one image.
+
+  Returns:
+    The 'params' collection.
+  """
+  images = jnp.zeros((1, *image_shape), jnp.float32)
+  return jax.jit(model.init)(rng, images)['params']

@@ -1,0 +1,48 @@
+"""Elementwise capsule operations: safe vector norms and the squash non-linearity."""
+
+import jax.numpy as jnp
+
+# Inside the square root, so that |s| and its gradient stay finite at s = 0.
+NORM_EPSILON = 1e-7
+
+
+def _accumulation_dtype(dtype):
+  """float32 for half-precision inputs (their sums of squares overflow or lose digits), else dtype."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def safe_norm(x, axis=-1, keepdims=False, epsilon=NORM_EPSILON):
+  """Euclidean norm sqrt(sum(x**2) + epsilon), finite with a finite gradient at x = 0.
+
+  Args:
+    x: array of any shape, any float dtype.
+    axis: the vector axis.
+    keepdims: keep `axis` with length 1.
+    epsilon: added under the square root.
+
+  Returns:
+    The norms, x's shape without `axis` (or with length 1 there), x's dtype.
+  """
+  acc = _accumulation_dtype(x.dtype)
+  squared = jnp.sum(jnp.square(x.astype(acc)), axis=axis, keepdims=keepdims)
+  return jnp.sqrt(squared + epsilon).astype(x.dtype)
+
+
+def squash(s, axis=-1):
+  """The paper's squash: (|s|^2 / (1 + |s|^2)) * s / |s|, along `axis`.
+
+  Short vectors shrink towards length 0 and long ones to just below 1; the
+  direction is kept. At s = 0 it returns 0 with a finite (zero) gradient.
+
+  Args:
+    s: array of any shape, any float dtype (float32, bfloat16, float64, ...).
+    axis: the capsule (vector) axis.
+
+  Returns:
+    An array of s's shape and dtype whose vectors along `axis` have length in [0, 1).
+  """
+  acc = _accumulation_dtype(s.dtype)
+  s_acc = s.astype(acc)
+  squared_norm = jnp.sum(jnp.square(s_acc), axis=axis, keepdims=True)
+  scale = squared_norm / (1.0 + squared_norm) / jnp.sqrt(squared_norm + NORM_EPSILON)
+  return (scale * s_acc).astype(s.dtype)

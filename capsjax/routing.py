@@ -1,0 +1,105 @@
+"""Routing by agreement (Sabour et al. 2017, Procedure 1) as pure, jit-compatible functions.
+
+`dynamic_routing` handles one example and `batched_dynamic_routing` vmaps it over
+a batch, so the routing can be dropped into any JAX model.
+"""
+
+import functools
+import operator
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from capsjax.ops import squash
+
+
+def _check_num_iters(num_iters):
+  try:
+    num_iters = operator.index(num_iters)
+  except TypeError:
+    raise ValueError(
+        f'num_iters must be a Python int >= 1 (a static number of routing '
+        f'iterations), got {num_iters!r} of type {type(num_iters).__name__}.') from None
+  if num_iters < 1:
+    raise ValueError(
+        f'num_iters must be >= 1, got {num_iters}: routing needs at least one '
+        f'iteration (the paper uses 3).')
+  return num_iters
+
+
+def _couplings(logits, dtype):
+  """softmax over parents j of the routing logits b_ij, computed in float32."""
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+def _parent_outputs(u_hat, couplings):
+  """v_j = squash(sum_i c_ij u_hat[j|i]) for u_hat [I, J, D] and c [I, J]."""
+  return squash(jnp.einsum('ij,ijd->jd', couplings, u_hat))
+
+
+def dynamic_routing(u_hat, num_iters=3, *, stop_inner_gradient=False):
+  """Routing by agreement for ONE example.
+
+  The logits b_ij start at 0 (so every coupling is 1/num_out at first) and are
+  updated num_iters - 1 times by the agreement u_hat[j|i] . v_j; the last
+  iteration's couplings give the returned outputs. The loop is one
+  `lax.fori_loop`, so the traced program does not grow with num_iters; it works
+  under `jit`, `grad` (through every iteration), `vmap`, in float32 and bfloat16.
+  The logits are kept in float32 whatever the dtype of u_hat.
+
+  Args:
+    u_hat: [num_in, num_out, dim_out] prediction vectors u_hat[j|i] = W_ij u_i,
+      any float dtype.
+    num_iters: static Python int >= 1, the number of routing iterations r.
+    stop_inner_gradient: if True, gradients reach u_hat only through the last
+      iteration (faster, as some implementations do); the default False lets
+      them flow through all iterations, as in the paper.
+
+  Returns:
+    (v, c): v [num_out, dim_out], the parents' squashed outputs, u_hat's dtype;
+    c [num_in, num_out], the coupling coefficients of the last iteration
+    (each row sums to 1), u_hat's dtype.
+
+  Raises:
+    ValueError: if num_iters is not an int >= 1 or u_hat is not 3-D.
+  """
+  num_iters = _check_num_iters(num_iters)
+  if u_hat.ndim != 3:
+    raise ValueError(
+        f'u_hat must be [num_in, num_out, dim_out] for one example, got shape '
+        f'{u_hat.shape}; use batched_dynamic_routing for a leading batch axis.')
+  num_in, num_out, _ = u_hat.shape
+  u_routing = lax.stop_gradient(u_hat) if stop_inner_gradient else u_hat
+
+  def update_logits(_, logits):
+    v = _parent_outputs(u_routing, _couplings(logits, u_hat.dtype))
+    agreement = jnp.einsum('ijd,jd->ij', u_routing, v,
+                           preferred_element_type=jnp.float32)
+    return logits + agreement
+
+  logits = lax.fori_loop(0, num_iters - 1, update_logits,
+                         jnp.zeros((num_in, num_out), jnp.float32))
+  couplings = _couplings(logits, u_hat.dtype)
+  return _parent_outputs(u_hat, couplings), couplings
+
+
+def batched_dynamic_routing(u_hat, num_iters=3, *, stop_inner_gradient=False):
+  """`dynamic_routing` vmapped over a leading batch axis.
+
+  Args:
+    u_hat: [batch, num_in, num_out, dim_out] prediction vectors.
+    num_iters: static Python int >= 1.
+    stop_inner_gradient: as in `dynamic_routing`.
+
+  Returns:
+    (v, c): v [batch, num_out, dim_out] and c [batch, num_in, num_out].
+  """
+  num_iters = _check_num_iters(num_iters)
+  if u_hat.ndim != 4:
+    raise ValueError(
+        f'u_hat must be [batch, num_in, num_out, dim_out], got shape {u_hat.shape}; '
+        f'use dynamic_routing for a single example.')
+  route = functools.partial(dynamic_routing, num_iters=num_iters,
+                            stop_inner_gradient=stop_inner_gradient)
+  return jax.vmap(route)(u_hat)

@@ -1,0 +1,1 @@
+"""Runnable experiments reproducing the paper's results: `python -m experiments.<name>`."""

@@ -1,0 +1,132 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import capsjax
+from capsjax.conv import conv2d
+from tests import reference
+
+
+@pytest.mark.parametrize('kernel,stride,channels', [(9, 1, 1), (9, 2, 16), (3, 2, 8), (5, 3, 4)])
+def test_matmul_convolution_equals_direct_loops(kernel, stride, channels):
+  rng = np.random.default_rng(kernel + stride)
+  x = rng.normal(size=(2, 20, 17, channels)).astype(np.float32)
+  w = rng.normal(size=(kernel, kernel, channels, 6)).astype(np.float32)
+  expected = reference.conv2d_valid(x, w, stride)
+  for impl in ('matmul', 'xla'):
+    np.testing.assert_allclose(conv2d(jnp.asarray(x), jnp.asarray(w), stride, impl), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_conv_impl_is_a_clear_error():
+  with pytest.raises(ValueError, match="'matmul', 'xla'"):
+    conv2d(jnp.zeros((1, 9, 9, 1)), jnp.zeros((3, 3, 1, 2)), 1, 'cudnn')
+
+
+def test_conv_layer_equals_flax_conv_with_same_parameters():
+  x = jax.random.uniform(jax.random.PRNGKey(0), (3, 20, 20, 32))
+  ours = capsjax.Conv2D(24, 9, 2)
+  params = ours.init(jax.random.PRNGKey(1), x)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
+  theirs = nn.Conv(24, (9, 9), strides=(2, 2), padding='VALID')
+  np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope='module')
+def paper_model():
+  model = capsjax.CapsNet()
+  return model, capsjax.init_params(model, jax.random.PRNGKey(0), (28, 28, 1))
+
+
+def test_parameter_count_of_the_paper_configuration(paper_model):
+  _, params = paper_model
+  conv1 = 9 * 9 * 1 * 256 + 256
+  primary = 9 * 9 * 256 * (32 * 8) + 32 * 8
+  digit = 1152 * 10 * 8 * 16  # 6 x 6 x 32 = 1152 primary capsules, no bias
+  decoder = (160 * 512 + 512) + (512 * 1024 + 1024) + (1024 * 784 + 784)
+  counts = capsjax.parameter_counts(params)
+  assert counts == {'conv1': conv1, 'decoder': decoder, 'digit_caps': digit,
+                    'primary_caps': primary, 'total': conv1 + primary + digit + decoder}
+  assert counts['total'] == 8_215_568
+  assert params['digit_caps']['weights'].shape == (1152, 10, 16, 8)
+
+
+def test_output_shapes_lengths_and_masking(paper_model):
+  model, params = paper_model
+  images = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+  apply = jax.jit(lambda p, x, y=None: model.apply({'params': p}, x, y))
+  out = apply(params, images)
+  assert out.capsules.shape == (4, 10, 16) and out.lengths.shape == (4, 10)
+  assert out.reconstructions.shape == (4, 28, 28, 1)
+  assert out.lengths.dtype == jnp.float32 and out.reconstructions.dtype == jnp.float32
+  assert bool(jnp.all((out.lengths >= 0) & (out.lengths < 1)))
+  assert bool(jnp.all((out.reconstructions > 0) & (out.reconstructions < 1)))
+  np.testing.assert_allclose(out.lengths, jnp.linalg.norm(out.capsules, axis=-1), atol=1e-3)
+  # Without labels the decoder sees the longest capsule: same as passing argmax.
+  predicted = jnp.argmax(out.lengths, axis=-1)
+  np.testing.assert_allclose(apply(params, images, predicted).reconstructions,
+                             out.reconstructions, rtol=1e-5)
+  other = (predicted + 1) % 10
+  assert not np.allclose(apply(params, images, other).reconstructions, out.reconstructions)
+  # Integer labels and one-hot labels mask alike.
+  np.testing.assert_allclose(apply(params, images, jax.nn.one_hot(other, 10)).reconstructions,
+                             apply(params, images, other).reconstructions, rtol=1e-5)
+
+
+def test_routing_couplings_are_sown(paper_model):
+  model, params = paper_model
+  _, state = model.apply({'params': params}, jnp.zeros((2, 28, 28, 1)),
+                         mutable=['intermediates'])
+  (couplings,) = state['intermediates']['digit_caps']['couplings']
+  assert couplings.shape == (2, 1152, 10)
+  np.testing.assert_allclose(couplings.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_matmul_and_xla_convolutions_give_the_same_model(paper_model):
+  model, params = paper_model
+  images = jax.random.uniform(jax.random.PRNGKey(2), (2, 28, 28, 1))
+  labels = jnp.array([3, 7])
+
+  def loss(p, m):
+    out = m.apply({'params': p}, images, labels)
+    return jnp.mean(capsjax.capsnet_loss(out.lengths, jax.nn.one_hot(labels, 10),
+                                         out.reconstructions, images))
+
+  fast = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, model)
+  slow = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, model.clone(conv_impl='xla'))
+  np.testing.assert_allclose(fast[0], slow[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(slow[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_configurable_model_other_input_size_and_channels():
+  model = capsjax.CapsNet(num_classes=5, conv_features=16, primary_types=4, primary_dim=4,
+                          digit_dim=6, routing_iters=2, decoder_hidden=(32,))
+  images = jnp.zeros((3, 36, 36, 3))
+  params = capsjax.init_params(model, jax.random.PRNGKey(0), (36, 36, 3))
+  # 36 -> 28 after Conv1 -> 10 after PrimaryCaps: 10 * 10 * 4 = 400 primary capsules.
+  assert params['digit_caps']['weights'].shape == (400, 5, 6, 4)
+  out = model.apply({'params': params}, images)
+  assert out.lengths.shape == (3, 5) and out.reconstructions.shape == (3, 36, 36, 3)
+  no_decoder = model.clone(use_decoder=False)
+  params = capsjax.init_params(no_decoder, jax.random.PRNGKey(0), (36, 36, 3))
+  assert 'decoder' not in params
+  assert no_decoder.apply({'params': params}, images).reconstructions is None
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs(paper_model):
+  model, params = paper_model
+  images = jax.random.uniform(jax.random.PRNGKey(3), (2, 28, 28, 1))
+  out32 = model.apply({'params': params}, images)
+  out16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)({'params': params}, images)
+  assert out16.capsules.dtype == jnp.bfloat16 and out16.lengths.dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  np.testing.assert_allclose(out16.lengths, out32.lengths, rtol=0.1, atol=2e-3)
+
+
+def test_images_without_channel_axis_are_a_clear_error(paper_model):
+  model, params = paper_model
+  with pytest.raises(ValueError, match='channel axis'):
+    model.apply({'params': params}, jnp.zeros((2, 28, 28)))
