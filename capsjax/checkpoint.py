@@ -1,0 +1,42 @@
+"""Per-epoch checkpoints of a TrainState with orbax.
+
+orbax writes each checkpoint to a temporary folder and renames it when complete,
+so a run killed at any moment leaves the previous checkpoint readable.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves and restores the parameters, optimizer state and step, keyed by epoch."""
+
+  def __init__(self, directory, max_to_keep=2):
+    """directory: folder for the checkpoints (created); max_to_keep: newest kept."""
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def latest_epoch(self):
+    """The last epoch saved completely, or 0 if none."""
+    return self._manager.latest_step() or 0
+
+  def save(self, epoch, state):
+    """Save a (single-device, not replicated) TrainState as `epoch`."""
+    items = {'params': state.params, 'opt_state': state.opt_state, 'step': state.step}
+    self._manager.save(epoch, args=ocp.args.StandardSave(items))
+    self._manager.wait_until_finished()
+
+  def restore(self, state, epoch=None):
+    """Return `state` with the values saved at `epoch` (default: the latest)."""
+    epoch = epoch or self.latest_epoch()
+    template = {'params': state.params, 'opt_state': state.opt_state, 'step': state.step}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    items = self._manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+    return state.replace(**items)
+
+  def close(self):
+    self._manager.close()

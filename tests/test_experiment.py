@@ -1,0 +1,134 @@
+"""The command line: `python -m experiments.mnist`, run as a user would."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, write_dataset
+
+SMALL_FLAGS = ['--conv_features=16', '--primary_types=4', '--primary_dim=4', '--digit_dim=8',
+               '--batch_size=16', '--progress_seconds=1000']
+
+
+def command(*flags):
+  return [sys.executable, '-m', 'experiments.mnist', *flags]
+
+
+def run(*flags, env=None, timeout=400):
+  proc = subprocess.run(command(*flags), cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env=env)
+  return proc
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_smoke_run_on_real_mnist(tmp_path, mnist_dir):
+  workdir = str(tmp_path / 'run')
+  proc = run('--routing_iters=3', f'--data_dir={mnist_dir}', '--epochs=1', '--train_examples=320',
+             '--test_examples=250', '--batch_size=32', f'--workdir={workdir}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (record,) = read_metrics(workdir)
+  for key in ('epoch', 'step', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy',
+              'test_error', 'learning_rate', 'images_per_sec', 'epoch_seconds', 'num_devices'):
+    assert key in record, key
+  assert record['epoch'] == 1 and record['step'] == 10 and record['num_devices'] == 1
+  correct = record['test_accuracy'] * 250
+  assert abs(correct - round(correct)) < 1e-6  # every one of the 250 examples counted once
+  assert record['test_accuracy'] > 0.2 and record['train_loss'] < 0.9
+  assert abs(record['test_error'] + record['test_accuracy'] - 1) < 1e-9
+  assert record['images_per_sec'] > 0 and record['learning_rate'] < 1e-3
+  picture = Image.open(os.path.join(workdir, 'reconstructions.png'))
+  assert picture.size[0] > 500 and len(set(picture.getdata())) > 10
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '1'))
+  last = proc.stdout.strip().splitlines()[-1]
+  assert last == (f'Test accuracy {100 * record["test_accuracy"]:.2f}%, test error '
+                  f'{100 * record["test_error"]:.2f}% on 250 images after epoch 1.')
+
+
+def test_resume_and_eval_only(tmp_path, tiny_dataset):
+  workdir = str(tmp_path / 'run')
+  flags = [f'--data_dir={tiny_dataset}', f'--workdir={workdir}', *SMALL_FLAGS]
+  assert run('--epochs=1', *flags).returncode == 0
+  proc = run('--epochs=2', *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Resumed from the checkpoint of epoch 1 (step 4)' in proc.stdout
+  records = read_metrics(workdir)
+  assert [r['epoch'] for r in records] == [1, 2] and records[1]['step'] == 8
+  proc = run('--epochs=2', '--eval_only', *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'Test accuracy {100 * records[1]["test_accuracy"]:.2f}%' in proc.stdout
+  assert [r['epoch'] for r in read_metrics(workdir)] == [1, 2]
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path, tiny_dataset):
+  workdir = str(tmp_path / 'run')
+  flags = ['--epochs=5', f'--data_dir={tiny_dataset}', f'--workdir={workdir}', *SMALL_FLAGS]
+  proc = subprocess.Popen(command(*flags), cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)  # most likely while epoch 2 is being checkpointed
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+  done = run(*flags)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'Resumed from the checkpoint of epoch' in done.stdout
+  assert [r['epoch'] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5]
+  assert read_metrics(workdir)[-1]['step'] == 20
+
+
+@pytest.mark.parametrize('flag,message', [
+    ('--batch_size=0', 'batch_size'),
+    ('--routing_iters=0', 'routing_iters'),
+    ('--dataset=cifar10', 'dataset'),
+    ('--dtype=float16', 'dtype'),
+])
+def test_bad_flags_exit_cleanly(tmp_path, tiny_dataset, flag, message):
+  workdir = tmp_path / 'run'
+  proc = run(flag, f'--data_dir={tiny_dataset}', f'--workdir={workdir}', timeout=60)
+  assert proc.returncode != 0 and message in proc.stderr
+  assert 'Traceback' not in proc.stderr and not workdir.exists()
+
+
+def test_missing_and_corrupt_data_exit_cleanly(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = run(f'--data_dir={tmp_path / "nowhere"}', f'--workdir={workdir}', timeout=60)
+  assert proc.returncode == 1 and proc.stderr.strip().endswith('nowhere: no such folder.')
+  assert 'Traceback' not in proc.stderr and not workdir.exists()
+  data_dir = write_dataset(str(tmp_path / 'data'))
+  path = os.path.join(data_dir, 'train-labels-idx1-ubyte.gz')
+  with open(path, 'wb') as f:
+    f.write(b'\x1f\x8b garbage')
+  proc = run(f'--data_dir={data_dir}', f'--workdir={workdir}', timeout=60)
+  assert proc.returncode == 1 and 'train-labels-idx1-ubyte.gz: cannot be read' in proc.stderr
+  assert 'Traceback' not in proc.stderr and not workdir.exists()
+
+
+def test_batch_that_does_not_divide_among_devices(tmp_path, tiny_dataset):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  workdir = tmp_path / 'run'
+  proc = run('--batch_size=18', f'--data_dir={tiny_dataset}', f'--workdir={workdir}', env=env,
+             timeout=60)
+  assert proc.returncode == 1
+  assert 'does not divide among the 4 local devices; use a multiple of 4' in proc.stderr
+  assert not workdir.exists()
+
+
+def test_eval_only_without_checkpoint(tmp_path, tiny_dataset):
+  workdir = tmp_path / 'run'
+  proc = run('--eval_only', f'--data_dir={tiny_dataset}', f'--workdir={workdir}', timeout=60)
+  assert proc.returncode == 1 and 'no checkpoint in' in proc.stderr and not workdir.exists()
