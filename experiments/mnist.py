@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import data, train
+from capsjax import data, runtime, train
 from capsjax.checkpoint import Checkpointer
 from capsjax.visualize import reconstruction_grid
 
@@ -240,6 +240,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
+  runtime.restart_with_huge_pages()
   try:
     dataset = data.load_dataset(FLAGS.dataset, FLAGS.data_dir, log=say)
     run(dataset)

@@ -46,3 +46,15 @@ def conv2d_valid(x, kernel, stride):
       patch = x[:, y * stride:y * stride + kh, xx * stride:xx * stride + kw, :]
       out[:, y, xx, :] = np.einsum('bhwc,hwco->bo', patch, kernel)
   return out
+
+
+def conv2d_valid_vjp(x, kernel, stride, out_grad):
+  """Gradients (dx, dkernel) of sum(conv2d_valid(x, kernel, stride) * out_grad), by direct loops."""
+  kh, kw = kernel.shape[:2]
+  dx, dkernel = np.zeros(x.shape), np.zeros(kernel.shape)
+  for y in range(out_grad.shape[1]):
+    for xx in range(out_grad.shape[2]):
+      rows, cols = slice(y * stride, y * stride + kh), slice(xx * stride, xx * stride + kw)
+      dx[:, rows, cols, :] += np.einsum('bo,hwco->bhwc', out_grad[:, y, xx], kernel)
+      dkernel += np.einsum('bhwc,bo->hwco', x[:, rows, cols, :], out_grad[:, y, xx])
+  return dx, dkernel

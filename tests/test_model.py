@@ -20,6 +20,21 @@ def test_matmul_convolution_equals_direct_loops(kernel, stride, channels):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('size,kernel,stride,channels', [
+    ((20, 20), 9, 2, 16), ((17, 19), 5, 3, 4), ((21, 14), 4, 2, 3), ((12, 12), 9, 1, 1)])
+def test_matmul_convolution_gradients_equal_direct_loops(size, kernel, stride, channels):
+  # The backward pass is a hand-written col2im: check it on sizes the stride does not divide.
+  rng = np.random.default_rng(kernel * stride)
+  x = rng.normal(size=(2, *size, channels)).astype(np.float32)
+  w = rng.normal(size=(kernel, kernel, channels, 5)).astype(np.float32)
+  out, vjp = jax.vjp(lambda x, w: conv2d(x, w, stride), jnp.asarray(x), jnp.asarray(w))
+  out_grad = rng.normal(size=out.shape).astype(np.float32)
+  dx, dw = jax.jit(vjp)(jnp.asarray(out_grad))
+  dx_ref, dw_ref = reference.conv2d_valid_vjp(x, w, stride, out_grad)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_unknown_conv_impl_is_a_clear_error():
   with pytest.raises(ValueError, match="'matmul', 'xla'"):
     conv2d(jnp.zeros((1, 9, 9, 1)), jnp.zeros((3, 3, 1, 2)), 1, 'cudnn')

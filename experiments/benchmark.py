@@ -1,0 +1,285 @@
+"""Time CapsNet training and inference steps against this machine's matmul rate.
+
+    python -m experiments.benchmark                       # the full table
+    python -m experiments.benchmark --batch_sizes=64 --dtypes=float32 --routing_iters=3
+
+For each batch size, routing iterations and compute dtype it times the jitted
+training step (forward, backward, Adam update) and inference (forward only):
+compilation and two warm-up calls are outside the timing, every call is waited
+for (`block_until_ready`), and the median of --repeats calls is reported. A
+2048x2048 matrix product in the same dtype is timed in turn with every call of
+the step, so each row's fraction of the matmul rate holds however much the
+machine's speed drifts during the run (on shared machines it does, by 30%). Peak
+memory is what XLA's buffer assignment reserves for the step. Model FLOPs are
+counted from the layer shapes (the paper's model: 0.41 GFLOP forward per image).
+
+A second table times the routing function alone, forward and backward, against
+the same loop unrolled in Python. The table goes to stdout and, with the
+device, date and command, to --json.
+"""
+
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capsjax import runtime, train
+from capsjax.ops import squash
+from capsjax.routing import batched_dynamic_routing
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('batch_sizes', ['16', '64', '128'], 'Global batch sizes.')
+flags.DEFINE_list('routing_iters', ['1', '3'], 'Routing iterations.')
+flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes.')
+flags.DEFINE_list('modes', ['train', 'infer'], 'train: the optimizer step; infer: forward only.')
+flags.DEFINE_integer('repeats', 7, 'Timed calls per row (the median is reported).', lower_bound=1)
+flags.DEFINE_integer('routing_batch', 64, 'Batch of the routing-only table (0: skip it).',
+                     lower_bound=0)
+flags.DEFINE_string('json', 'bench/benchmark.json', 'Where to write the results.')
+
+MATMUL_SIZE = 2048
+WARMUP_CALLS = 2
+TARGET_ROW = dict(mode='train', dtype='float32', routing_iters=3, batch=64)
+CPU_TARGET_FRACTION = 0.45
+
+
+def conv_macs(size, kernel, stride, in_channels, out_channels):
+  """(multiply-adds, output size) of a square VALID convolution on one image."""
+  out = (size - kernel) // stride + 1
+  return out * out * kernel * kernel * in_channels * out_channels, out
+
+
+def model_flops(config):
+  """FLOPs per image of `config`'s CapsNet, by layer, counted from the shapes.
+
+  A multiply-add counts 2 FLOPs. The training step does the forward pass and
+  twice its FLOPs backward, less Conv1's input gradient (the images need none).
+
+  Args:
+    config: a `train.TrainConfig` (square images).
+
+  Returns:
+    dict: the forward FLOPs of 'conv1', 'primary_caps', 'predictions',
+    'routing' and 'decoder', their sum 'forward', and 'train'.
+  """
+  size, _, channels = config.image_shape
+  model = config.model()
+  conv1, size = conv_macs(size, model.conv_kernel, 1, channels, model.conv_features)
+  primary, size = conv_macs(size, model.primary_kernel, model.primary_strides,
+                            model.conv_features, model.primary_types * model.primary_dim)
+  pairs = size * size * model.primary_types * config.num_classes
+  predictions = pairs * model.digit_dim * model.primary_dim
+  # Every iteration forms s_j; all but the last also measure the agreement.
+  routing = pairs * model.digit_dim * (2 * config.routing_iters - 1)
+  decoder = 0
+  if model.use_decoder:
+    widths = (config.num_classes * model.digit_dim, *model.decoder_hidden,
+              int(np.prod(config.image_shape)))
+    decoder = sum(a * b for a, b in zip(widths, widths[1:]))
+  flops = {name: 2 * macs for name, macs in dict(
+      conv1=conv1, primary_caps=primary, predictions=predictions, routing=routing,
+      decoder=decoder).items()}
+  flops['forward'] = sum(flops.values())
+  flops['train'] = 3 * flops['forward'] - flops['conv1']
+  return flops
+
+
+def interleaved_median_seconds(calls, repeats):
+  """Median wall time of each (fn, args) in `calls`, timed in turn so drift hits all alike.
+
+  Each call is warmed up first (compilation and first-touch stay outside the
+  timing) and waited for with `block_until_ready` every time.
+  """
+  for fn, args in calls:
+    for _ in range(WARMUP_CALLS):
+      jax.block_until_ready(fn(*args))
+  times = [[] for _ in calls]
+  for _ in range(repeats):
+    for (fn, args), samples in zip(calls, times):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      samples.append(time.perf_counter() - start)
+  return [statistics.median(samples) for samples in times]
+
+
+def matmul_call(dtype):
+  """(fn, args, flops): a jitted MATMUL_SIZE^2 matrix product in dtype on random data."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (MATMUL_SIZE, MATMUL_SIZE), dtype)
+  return jax.jit(lambda a: a @ a), (a,), 2 * MATMUL_SIZE ** 3
+
+
+def peak_megabytes(compiled):
+  """What XLA reserves for one call: arguments, outputs and temporaries, less donated buffers."""
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return None
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+           memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return total / 2 ** 20
+
+
+def random_batch(batch_size, config, seed=0):
+  rng = np.random.default_rng(seed)
+  return {'image': jnp.asarray(rng.uniform(size=(batch_size, *config.image_shape)), jnp.float32),
+          'label': jnp.asarray(rng.integers(0, config.num_classes, batch_size), jnp.int32)}
+
+
+def time_model(mode, dtype, routing_iters, batch_size, repeats):
+  """One row of the model table: times, rates and memory of a step."""
+  config = train.TrainConfig(routing_iters=routing_iters, batch_size=batch_size, dtype=dtype)
+  state = train.create_train_state(jax.random.PRNGKey(0), config)
+  batch = random_batch(batch_size, config)
+  if mode == 'train':
+    compiled = jax.jit(train.train_step, donate_argnums=0).lower(state, batch).compile()
+
+    def step(batch):  # the state threads through, as in training
+      nonlocal state
+      state, metrics = compiled(state, batch)
+      return metrics
+  else:
+    compiled = jax.jit(lambda state, images: state.apply_fn(
+        {'params': state.params}, images).lengths).lower(state, batch['image']).compile()
+    step = lambda batch: compiled(state, batch['image'])
+  matmul, matmul_args, matmul_flops = matmul_call(train.DTYPES[dtype])
+  seconds, matmul_seconds = interleaved_median_seconds(
+      [(step, (batch,)), (matmul, matmul_args)], repeats)
+  flops = model_flops(config)['train' if mode == 'train' else 'forward'] * batch_size
+  gflops, matmul_gflops = flops / seconds / 1e9, matmul_flops / matmul_seconds / 1e9
+  return dict(mode=mode, dtype=dtype, routing_iters=routing_iters, batch=batch_size,
+              ms=1e3 * seconds, images_per_sec=batch_size / seconds, gflops=gflops,
+              matmul_gflops=matmul_gflops, matmul_fraction=gflops / matmul_gflops,
+              peak_mb=peak_megabytes(compiled))
+
+
+def unrolled_routing(u_hat, num_iters):
+  """Procedure 1 as a plain Python loop over one example's u_hat [I, J, D] (the baseline)."""
+  logits = jnp.zeros(u_hat.shape[:2], jnp.float32)
+  for iteration in range(num_iters):
+    couplings = jax.nn.softmax(logits, axis=-1)
+    v = squash(jnp.einsum('ij,ijd->jd', couplings, u_hat))
+    if iteration < num_iters - 1:
+      logits = logits + jnp.einsum('ijd,jd->ij', u_hat, v)
+  return v
+
+
+def time_routing(num_iters, batch_size, repeats):
+  """Routing alone, forward and backward: capsjax's fori_loop against the Python loop."""
+  u_hat = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (batch_size, 1152, 10, 16))
+  candidates = {
+      'capsjax': lambda u: batched_dynamic_routing(u, num_iters)[0],
+      'python_unrolled': jax.vmap(lambda u: unrolled_routing(u, num_iters)),
+  }
+  outputs = [jax.jit(route)(u_hat) for route in candidates.values()]
+  np.testing.assert_allclose(*outputs, rtol=1e-4, atol=1e-6)  # the same function, or no contest
+  grads = [(jax.jit(jax.grad(lambda u, route=route: jnp.sum(jnp.square(route(u))))), (u_hat,))
+           for route in candidates.values()]
+  seconds = interleaved_median_seconds(grads, repeats)
+  row = dict(routing_iters=num_iters, batch=batch_size)
+  row.update({f'{name}_ms': 1e3 * s for name, s in zip(candidates, seconds)})
+  row['speedup'] = row['python_unrolled_ms'] / row['capsjax_ms']
+  return row
+
+
+def print_table(rows, columns):
+  """Rows of dicts as an aligned text table; columns are (key, header, format)."""
+  cells = [[header for _, header, _ in columns]]
+  cells += [['-' if row[key] is None else fmt.format(row[key]) for key, _, fmt in columns]
+            for row in rows]
+  widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+  for line in cells:
+    print('  '.join(cell.rjust(width) for cell, width in zip(line, widths)), flush=True)
+
+
+MODEL_COLUMNS = [
+    ('mode', 'mode', '{}'), ('dtype', 'dtype', '{}'), ('routing_iters', 'iters', '{}'),
+    ('batch', 'batch', '{}'), ('ms', 'ms/step', '{:.1f}'), ('images_per_sec', 'images/s', '{:.1f}'),
+    ('gflops', 'GFLOP/s', '{:.1f}'), ('matmul_gflops', 'matmul GFLOP/s', '{:.1f}'),
+    ('matmul_fraction', 'of matmul', '{:.0%}'), ('peak_mb', 'peak MiB', '{:.0f}')]
+ROUTING_COLUMNS = [
+    ('routing_iters', 'iters', '{}'), ('batch', 'batch', '{}'),
+    ('capsjax_ms', 'fori_loop ms', '{:.1f}'), ('python_unrolled_ms', 'Python-unrolled ms', '{:.1f}'),
+    ('speedup', 'speed-up', '{:.2f}x')]
+
+
+def integers(values, flag):
+  try:
+    numbers = [int(v) for v in values]
+  except ValueError:
+    raise app.UsageError(f'--{flag} takes whole numbers, got {",".join(values)}') from None
+  if min(numbers) < 1:
+    raise app.UsageError(f'--{flag} must be positive, got {",".join(values)}')
+  return numbers
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  batch_sizes = integers(FLAGS.batch_sizes, 'batch_sizes')
+  routing_iters = integers(FLAGS.routing_iters, 'routing_iters')
+  for dtype in FLAGS.dtypes:
+    if dtype not in train.DTYPES:
+      raise app.UsageError(f'--dtypes: {dtype!r} is not one of {sorted(train.DTYPES)}')
+  for mode in FLAGS.modes:
+    if mode not in ('train', 'infer'):
+      raise app.UsageError(f'--modes: {mode!r} is not train or infer')
+  logging.set_verbosity(logging.WARNING)
+  runtime.restart_with_huge_pages()
+
+  device = jax.devices()[0]
+  flops = model_flops(train.TrainConfig())
+  print(f'{device.device_kind} ({device.platform}, {jax.local_device_count()} device(s)), '
+        f'jax {jax.__version__}, {os.environ.get(runtime.TUNABLES_ENV) or "default malloc"}')
+  print(f'Model FLOPs per image (paper model, 3 iterations): forward '
+        f'{flops["forward"] / 1e9:.3f} G, training step {flops["train"] / 1e9:.3f} G\n')
+  rows = []
+  for mode in FLAGS.modes:
+    for dtype in FLAGS.dtypes:
+      for iters in routing_iters:
+        for batch_size in batch_sizes:
+          row = time_model(mode, dtype, iters, batch_size, FLAGS.repeats)
+          print(f'  {mode} {dtype} {iters} iterations, batch {batch_size}: '
+                f'{row["images_per_sec"]:.1f} images/s', flush=True)
+          rows.append(row)
+  print()
+  print_table(rows, MODEL_COLUMNS)
+
+  routing_rows = []
+  if FLAGS.routing_batch:
+    print('\nRouting alone, forward + backward, u_hat [batch, 1152, 10, 16] float32:')
+    routing_rows = [time_routing(iters, FLAGS.routing_batch, FLAGS.repeats)
+                    for iters in routing_iters]
+    print_table(routing_rows, ROUTING_COLUMNS)
+    slowest = min(row['speedup'] for row in routing_rows)
+    print(f'Routing target, fori_loop at least as fast as the Python loop: {slowest:.2f}x at '
+          f'worst: {"met" if slowest >= 1 else "NOT met"}')
+
+  target = [r for r in rows if all(r[k] == v for k, v in TARGET_ROW.items())]
+  if target and device.platform == 'cpu':
+    fraction = target[0]['matmul_fraction']
+    print(f'\nCPU target, training step at batch 64, float32, 3 iterations: {fraction:.0%} of '
+          f'the matmul rate (target {CPU_TARGET_FRACTION:.0%}): '
+          f'{"met" if fraction >= CPU_TARGET_FRACTION else "NOT met"}')
+
+  result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                device=device.device_kind, platform=device.platform,
+                num_devices=jax.local_device_count(), jax=jax.__version__,
+                malloc=os.environ.get(runtime.TUNABLES_ENV, ''),
+                command=' '.join(sys.orig_argv), flops_per_image=flops,
+                model=rows, routing=routing_rows)
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+  partial = FLAGS.json + '.partial'
+  with open(partial, 'w') as f:
+    json.dump(result, f, indent=1)
+  os.replace(partial, FLAGS.json)
+  print(f'\nWrote {FLAGS.json}')
+
+
+if __name__ == '__main__':
+  app.run(main)

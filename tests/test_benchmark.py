@@ -1,0 +1,70 @@
+"""`python -m experiments.benchmark`: its FLOP count and what a run writes."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from capsjax import train
+from experiments.benchmark import model_flops
+from tests.conftest import REPO
+
+
+def test_flops_of_the_paper_model_by_hand():
+  flops = model_flops(train.TrainConfig())
+  assert flops['conv1'] == 2 * 20 * 20 * 9 * 9 * 1 * 256
+  assert flops['primary_caps'] == 2 * 6 * 6 * 9 * 9 * 256 * 256
+  assert flops['predictions'] == 2 * 1152 * 10 * 16 * 8
+  assert flops['routing'] == 2 * 1152 * 10 * 16 * (3 + 2)  # 3 weighted sums, 2 agreements
+  assert flops['decoder'] == 2 * (160 * 512 + 512 * 1024 + 1024 * 784)
+  assert flops['forward'] == 406_405_120  # the issue's "about 0.41 GFLOP"
+  assert flops['train'] == 3 * flops['forward'] - flops['conv1']
+  no_decoder = model_flops(train.TrainConfig(recon_weight=0.0, routing_iters=1))
+  assert no_decoder['decoder'] == 0 and no_decoder['routing'] == 2 * 1152 * 10 * 16
+
+
+@pytest.mark.parametrize('config', [
+    train.TrainConfig(),
+    train.TrainConfig(routing_iters=1, recon_weight=0.0, image_shape=(36, 36, 1), num_classes=5,
+                      conv_features=64, primary_types=8)])
+def test_flops_agree_with_xla_cost_analysis(config):
+  # XLA counts from the compiled program (and adds the elementwise work the count leaves out).
+  model = config.model().clone(conv_impl='xla')
+  images = jnp.zeros((4, *config.image_shape))
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+  cost = jax.jit(model.apply).lower(params, images).compile().cost_analysis()
+  xla_per_image = cost['flops'] / 4
+  assert 1.0 <= xla_per_image / model_flops(config)['forward'] < 1.03
+
+
+def test_benchmark_run_writes_its_table(tmp_path):
+  out = tmp_path / 'bench.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmark', '--batch_sizes=2', '--routing_iters=1',
+       '--dtypes=float32', '--repeats=2', '--routing_batch=2', f'--json={out}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert [(r['mode'], r['batch'], r['routing_iters']) for r in result['model']] == [
+      ('train', 2, 1), ('infer', 2, 1)]
+  for row in result['model']:
+    assert row['images_per_sec'] == pytest.approx(2 / (row['ms'] / 1e3))
+    assert row['matmul_fraction'] == pytest.approx(row['gflops'] / row['matmul_gflops'])
+    assert 0 < row['matmul_fraction'] < 1.5 and row['peak_mb'] > 0
+  train_row, infer_row = result['model']
+  assert train_row['peak_mb'] > infer_row['peak_mb']  # gradients and Adam moments
+  (routing,) = result['routing']
+  assert routing['speedup'] == pytest.approx(routing['python_unrolled_ms'] / routing['capsjax_ms'])
+  assert 'images/s' in proc.stdout and 'Routing alone' in proc.stdout
+
+
+def test_benchmark_rejects_a_bad_flag_and_writes_nothing(tmp_path):
+  out = tmp_path / 'bench.json'
+  proc = subprocess.run([sys.executable, '-m', 'experiments.benchmark', '--dtypes=float16',
+                         f'--json={out}'], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode != 0 and "--dtypes: 'float16' is not one of" in proc.stderr
+  assert 'Traceback' not in proc.stderr and not out.exists()
