@@ -20,7 +20,9 @@ device, date and command, to --json.
 
 import datetime
 import json
+import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -125,6 +127,33 @@ def peak_megabytes(compiled):
   return total / 2 ** 20
 
 
+HLO_SHAPE = re.compile(r'\b(?:f32|bf16|f16)\[([\d,]*)\]')
+NOT_BUFFERS = ('bitcast(', 'get-tuple-element(', 'parameter(', 'tuple(')
+
+
+def prediction_buffers(compiled, batch_size, config):
+  """How many buffers of the prediction vectors' size [B, I, J, D] the compiled step writes.
+
+  Counted in the optimised HLO's entry computation (what runs; fused
+  intermediates stay in registers): each instruction whose result holds an
+  array of B * num_primary * num_classes * digit_dim elements, in any layout.
+  """
+  elements = batch_size * model_flops(config)['predictions'] // (2 * config.primary_dim)
+  text = compiled.as_text()
+  entry = text[text.index('\nENTRY '):]
+  count = 0
+  for line in entry.splitlines()[1:]:
+    if line.startswith('}'):
+      break
+    result = line.split('=', 1)[-1]
+    if any(op in result for op in NOT_BUFFERS):
+      continue
+    shapes = HLO_SHAPE.findall(result.split('(', 1)[0] if not result.lstrip().startswith('(')
+                               else result.split(')', 1)[0])
+    count += any(math.prod(int(d) for d in dims.split(',') if d) == elements for dims in shapes)
+  return count
+
+
 def random_batch(batch_size, config, seed=0):
   rng = np.random.default_rng(seed)
   return {'image': jnp.asarray(rng.uniform(size=(batch_size, *config.image_shape)), jnp.float32),
@@ -155,7 +184,8 @@ def time_model(mode, dtype, routing_iters, batch_size, repeats):
   return dict(mode=mode, dtype=dtype, routing_iters=routing_iters, batch=batch_size,
               ms=1e3 * seconds, images_per_sec=batch_size / seconds, gflops=gflops,
               matmul_gflops=matmul_gflops, matmul_fraction=gflops / matmul_gflops,
-              peak_mb=peak_megabytes(compiled))
+              peak_mb=peak_megabytes(compiled),
+              prediction_buffers=prediction_buffers(compiled, batch_size, config))
 
 
 def unrolled_routing(u_hat, num_iters):
@@ -201,7 +231,8 @@ MODEL_COLUMNS = [
     ('mode', 'mode', '{}'), ('dtype', 'dtype', '{}'), ('routing_iters', 'iters', '{}'),
     ('batch', 'batch', '{}'), ('ms', 'ms/step', '{:.1f}'), ('images_per_sec', 'images/s', '{:.1f}'),
     ('gflops', 'GFLOP/s', '{:.1f}'), ('matmul_gflops', 'matmul GFLOP/s', '{:.1f}'),
-    ('matmul_fraction', 'of matmul', '{:.0%}'), ('peak_mb', 'peak MiB', '{:.0f}')]
+    ('matmul_fraction', 'of matmul', '{:.0%}'), ('peak_mb', 'peak MiB', '{:.0f}'),
+    ('prediction_buffers', 'u_hat buffers', '{}')]
 ROUTING_COLUMNS = [
     ('routing_iters', 'iters', '{}'), ('batch', 'batch', '{}'),
     ('capsjax_ms', 'fori_loop ms', '{:.1f}'), ('python_unrolled_ms', 'Python-unrolled ms', '{:.1f}'),
