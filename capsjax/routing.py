@@ -85,7 +85,7 @@ def dynamic_routing(u_hat, num_iters=3, *, stop_inner_gradient=False):
 
   def uniform_parent_outputs(u):
     # b = 0 makes the first iteration's couplings all 1 / num_out: s_j is a plain
-    # sum, 1.7x faster than the weighted one, and XLA has no softmax of a
+    # sum, about 2x faster than the weighted one, and XLA has no softmax of a
     # constant to fold (which took seconds at compile time).
     return squash((jnp.sum(u, axis=1, dtype=jnp.float32) / num_out).astype(u.dtype))
 

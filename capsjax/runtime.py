@@ -1,12 +1,12 @@
 """Process set-up that makes XLA on the CPU fast: glibc's malloc on transparent huge pages.
 
 XLA's CPU runtime allocates a training step's buffers (about 0.5 GB for the
-paper's model at batch 64) afresh on every call. On 4 KiB pages the step spends
-a third of its time in page faults and TLB misses; with glibc's malloc asking
-for transparent huge pages it runs 1.4x faster (BENCHMARKS.md). glibc reads that
-setting only when a process starts, so an entry point restarts itself once with
-it. Linux with glibc only; elsewhere, or when the kernel has huge pages off,
-nothing happens.
+paper's model at batch 64) afresh on every call, and on 4 KiB pages the step
+pays for page faults and TLB misses on all of them. With glibc's malloc asking
+for transparent huge pages the step ran 1.2x faster (BENCHMARKS.md). glibc
+reads that setting only when a process starts, so an entry point restarts
+itself once with it. Linux with glibc only; elsewhere, or when the kernel has
+huge pages off, nothing happens.
 """
 
 import os
