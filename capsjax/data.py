@@ -4,7 +4,7 @@ Where the data comes from, first that works:
   1. `data_dir` (or the environment variable CAPSJAX_DATA_DIR): the four IDX files,
      raw or .gz. Files that are there but wrong stop with a `DataError`.
   2. The folder an OS package installs (Debian's dataset-fashion-mnist).
-  3. tensorflow-datasets, when installed (`pip install capsjax[tfds]`).
+  3. tensorflow-datasets, when installed (the tfds extra: `pip install -e '.[tfds]'`).
   4. A direct download into `cache_dir`, verified by sha256 of the uncompressed files.
 """
 
@@ -208,7 +208,7 @@ def download(name, cache_dir=DEFAULT_CACHE_DIR, base_url=None):
 
 
 def _load_tfds(name, num_classes):
-  import tensorflow_datasets as tfds  # optional: pip install capsjax[tfds]
+  import tensorflow_datasets as tfds  # optional: pip install -e '.[tfds]'
   splits = tfds.as_numpy(tfds.load(DATASETS[name].tfds_name, split=['train', 'test'],
                                     batch_size=-1, as_supervised=True))
   (train_x, train_y), (test_x, test_y) = splits
@@ -226,8 +226,8 @@ def how_to_provide(name):
           + (f', or installed by the OS package that fills {source.system_dir} '
              f'(Debian: apt-get install dataset-{name.replace("_", "-")})'
              if source.system_dir else '')
-          + '. With network access, `pip install capsjax[tfds]` or a plain run downloads them '
-          f'into {DEFAULT_CACHE_DIR}.')
+          + ". With network access, the tfds extra (pip install -e '.[tfds]') or a plain run "
+          f'downloads them into {DEFAULT_CACHE_DIR}.')
 
 
 def load_dataset(name='mnist', data_dir=None, cache_dir=DEFAULT_CACHE_DIR, log=print):

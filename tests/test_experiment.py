@@ -48,7 +48,8 @@ def test_smoke_run_on_real_mnist(tmp_path, mnist_dir):
   assert abs(record['test_error'] + record['test_accuracy'] - 1) < 1e-9
   assert record['images_per_sec'] > 0 and record['learning_rate'] < 1e-3
   picture = Image.open(os.path.join(workdir, 'reconstructions.png'))
-  assert picture.size[0] > 500 and len(set(picture.getdata())) > 10
+  colours = np.unique(np.asarray(picture.convert('RGB')).reshape(-1, 3), axis=0)
+  assert picture.size[0] > 500 and len(colours) > 10
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '1'))
   last = proc.stdout.strip().splitlines()[-1]
   assert last == (f'Test accuracy {100 * record["test_accuracy"]:.2f}%, test error '
