@@ -1,5 +1,6 @@
 """capsjax: Capsule Networks with routing by agreement (Sabour, Frosst, Hinton 2017) in JAX."""
 
+from capsjax.baseline import BaselineCNN
 from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutedCapsules, decoder_mask
 from capsjax.losses import capsnet_loss, margin_loss, reconstruction_loss
 from capsjax.model import CapsNet, CapsNetOutput, init_params, parameter_counts
@@ -9,7 +10,7 @@ from capsjax.routing import batched_dynamic_routing, dynamic_routing
 __version__ = '0.1.0'
 
 __all__ = [
-    'CapsNet', 'CapsNetOutput', 'Conv2D', 'Decoder', 'PrimaryCapsules',
+    'BaselineCNN', 'CapsNet', 'CapsNetOutput', 'Conv2D', 'Decoder', 'PrimaryCapsules',
     'RoutedCapsules', 'batched_dynamic_routing', 'capsnet_loss', 'decoder_mask',
     'dynamic_routing', 'init_params', 'margin_loss', 'parameter_counts',
     'reconstruction_loss', 'safe_norm', 'squash',

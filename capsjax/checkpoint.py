@@ -10,8 +10,13 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _items(state):
+  return {'params': state.params, 'opt_state': state.opt_state, 'step': state.step,
+          'rng': state.rng}
+
+
 class Checkpointer:
-  """Saves and restores the parameters, optimizer state and step, keyed by epoch."""
+  """Saves and restores the parameters, optimizer state, step and key, by epoch."""
 
   def __init__(self, directory, max_to_keep=2):
     """directory: folder for the checkpoints (created); max_to_keep: newest kept."""
@@ -26,17 +31,21 @@ class Checkpointer:
 
   def save(self, epoch, state):
     """Save a (single-device, not replicated) TrainState as `epoch`."""
-    items = {'params': state.params, 'opt_state': state.opt_state, 'step': state.step}
-    self._manager.save(epoch, args=ocp.args.StandardSave(items))
+    self._manager.save(epoch, args=ocp.args.StandardSave(_items(state)))
     self._manager.wait_until_finished()
 
   def restore(self, state, epoch=None):
     """Return `state` with the values saved at `epoch` (default: the latest)."""
     epoch = epoch or self.latest_epoch()
-    template = {'params': state.params, 'opt_state': state.opt_state, 'step': state.step}
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _items(state))
     items = self._manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
     return state.replace(**items)
 
   def close(self):
     self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()

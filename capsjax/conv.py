@@ -5,16 +5,18 @@ XLA's CPU convolution is slow for CapsNet's layers: forward and backward of the
 1.7% of the machine's matmul rate (batch 64, 2-core EPYC, 2026-11-23). Written as
 patch extraction (strided slices) and one matrix product per kernel row, with a
 col2im for the input gradient, the same layer ran its backward pass at about 60%
-of that rate. Both forms compute the same function; `BENCHMARKS.md` has the
-whole training step.
+of that rate. Both forms compute the same function, in every mode of autodiff
+(jvp, jacfwd and Hessian-vector products too); `BENCHMARKS.md` has the whole
+training step.
 """
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 # Kernel rows are grouped until a matmul contracts over at least this many
 # values: Conv1 (1 input channel) then uses one im2col matmul with K = 81,
@@ -25,7 +27,8 @@ MIN_CONTRACTION = 512
 CONV_IMPLS = ('matmul', 'xla')
 
 
-def _output_size(size, kernel, stride):
+def output_size(size, kernel, stride):
+  """Output length of a VALID convolution along one axis."""
   return (size - kernel) // stride + 1
 
 
@@ -35,12 +38,11 @@ def _row_groups(kernel_h, row_values):
   return [range(first, min(first + rows, kernel_h)) for first in range(0, kernel_h, rows)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _columns(x, kernel_h, kernel_w, stride):
+def _extract_columns(x, *, kernel_h, kernel_w, stride):
   """im2col per kernel-row group: [B, out_h, out_w, rows * kernel_w * C] each, taps (ky, kx, c)."""
   _, height, width, channels = x.shape
-  out_h = _output_size(height, kernel_h, stride)
-  out_w = _output_size(width, kernel_w, stride)
+  out_h = output_size(height, kernel_h, stride)
+  out_w = output_size(width, kernel_w, stride)
 
   def patches(ky, kx):
     return x[:, ky:ky + stride * (out_h - 1) + 1:stride,
@@ -50,12 +52,8 @@ def _columns(x, kernel_h, kernel_w, stride):
           for group in _row_groups(kernel_h, kernel_w * channels)]
 
 
-def _columns_fwd(x, kernel_h, kernel_w, stride):
-  return _columns(x, kernel_h, kernel_w, stride), x.shape
-
-
-def _columns_bwd(kernel_h, kernel_w, stride, x_shape, column_grads):
-  """col2im: add every tap's gradient back onto the input pixels it was read from.
+def _col2im(column_grads, x_shape, *, kernel_h, kernel_w, stride):
+  """The transpose of `_extract_columns`: every tap's value added onto the pixel it was read from.
 
   Autodiff would transpose each strided slice into a padded full-size array and
   sum 81 of them, a select per tap per input pixel. Split by stride phase
@@ -65,8 +63,8 @@ def _columns_bwd(kernel_h, kernel_w, stride, x_shape, column_grads):
   PrimaryCaps input gradient.
   """
   batch, height, width, channels = x_shape
-  out_h = _output_size(height, kernel_h, stride)
-  out_w = _output_size(width, kernel_w, stride)
+  out_h = output_size(height, kernel_h, stride)
+  out_w = output_size(width, kernel_w, stride)
   phase_h, phase_w = -(-height // stride), -(-width // stride)
   taps = {}
   for group, grad in zip(_row_groups(kernel_h, kernel_w * channels), column_grads):
@@ -89,10 +87,48 @@ def _columns_bwd(kernel_h, kernel_w, stride, x_shape, column_grads):
     phase_rows.append(jnp.stack(phases, axis=3))            # [B, phase_h, phase_w, px, C]
   interleaved = jnp.stack(phase_rows, axis=2).reshape(      # [B, phase_h, py, phase_w, px, C]
       batch, phase_h * stride, phase_w * stride, channels)
-  return (interleaved[:, :height, :width],)
+  return interleaved[:, :height, :width]
 
 
-_columns.defvjp(_columns_fwd, _columns_bwd)
+# The patch extraction is a primitive of its own because it needs both a custom
+# transpose (the col2im above, for reverse mode) and a forward-mode rule: a
+# `jax.custom_vjp` rules out jvp, jacfwd and Hessian-vector products, and the
+# tangent map of a `jax.custom_jvp` is transposed by autodiff, not by the col2im.
+# Being linear, its JVP applies the extraction to the tangent and its
+# transpose is the col2im, whichever mode composes them.
+_columns_p = Primitive('capsjax_conv_columns')
+_columns_p.multiple_results = True
+_columns_p.def_impl(_extract_columns)
+mlir.register_lowering(_columns_p, mlir.lower_fun(_extract_columns, multiple_results=True))
+
+
+@_columns_p.def_abstract_eval
+def _columns_abstract_eval(x, *, kernel_h, kernel_w, stride):
+  batch, height, width, channels = x.shape
+  out_h = output_size(height, kernel_h, stride)
+  out_w = output_size(width, kernel_w, stride)
+  return [jax.core.ShapedArray((batch, out_h, out_w, len(group) * kernel_w * channels), x.dtype)
+          for group in _row_groups(kernel_h, kernel_w * channels)]
+
+
+def _columns_transpose(column_cts, x, **params):
+  return [_col2im([ad.instantiate_zeros(ct) for ct in column_cts], x.aval.shape, **params)]
+
+
+def _columns_batch(args, dims, **params):
+  # Extra vmapped axes fold into the batch axis: every image is extracted alike.
+  x = jnp.moveaxis(args[0], dims[0], 0)
+  columns = _columns_p.bind(x.reshape(-1, *x.shape[2:]), **params)
+  return [c.reshape(*x.shape[:2], *c.shape[1:]) for c in columns], [0] * len(columns)
+
+
+ad.deflinear2(_columns_p, _columns_transpose)
+batching.primitive_batchers[_columns_p] = _columns_batch
+
+
+def _columns(x, kernel_h, kernel_w, stride):
+  """`_extract_columns` as the primitive, whose reverse mode is the col2im."""
+  return _columns_p.bind(x, kernel_h=kernel_h, kernel_w=kernel_w, stride=stride)
 
 
 def conv2d_matmul(x, kernel, stride):

@@ -20,6 +20,8 @@ import zlib
 
 import numpy as np
 
+from capsjax.errors import InputError
+
 DATA_DIR_ENV = 'CAPSJAX_DATA_DIR'
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'capsjax')
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
@@ -29,7 +31,7 @@ SPLIT_FILES = {
 }
 
 
-class DataError(Exception):
+class DataError(InputError):
   """Data missing or malformed; the message names the file and the fix."""
 
 
@@ -140,9 +142,15 @@ def _split(directory, split, num_classes):
   if len(images) != len(labels):
     raise DataError(f'{images_path} holds {len(images)} images but {labels_path} holds '
                     f'{len(labels)} labels: the two files are from different sets.')
-  if labels.size and labels.max() >= num_classes:
-    raise DataError(f'{labels_path}: label {labels.max()} is outside 0..{num_classes - 1}.')
+  check_labels(labels, num_classes, labels_path)
   return images[..., None], labels.astype(np.int32)
+
+
+def check_labels(labels, num_classes, where):
+  """Raise DataError unless every label lies in [0, num_classes); `where` names the source."""
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise DataError(f'{where}: labels span {labels.min()}..{labels.max()}, outside '
+                    f'0..{num_classes - 1}.')
 
 
 def load_idx_dir(directory, num_classes=10, source=None):
@@ -212,6 +220,8 @@ def _load_tfds(name, num_classes):
   splits = tfds.as_numpy(tfds.load(DATASETS[name].tfds_name, split=['train', 'test'],
                                     batch_size=-1, as_supervised=True))
   (train_x, train_y), (test_x, test_y) = splits
+  for split, labels in (('train', train_y), ('test', test_y)):
+    check_labels(labels, num_classes, f'tfds {name} {split}')
   return Dataset(train_x, train_y.astype(np.int32), test_x, test_y.astype(np.int32),
                  num_classes, source='tfds')
 
@@ -256,6 +266,8 @@ def load_dataset(name='mnist', data_dir=None, cache_dir=DEFAULT_CACHE_DIR, log=p
   failures = []
   try:
     return _load_tfds(name, source.num_classes)
+  except DataError:  # tfds worked but its data is wrong: say so, don't fall back
+    raise
   except Exception as e:  # tfds missing, offline, or its builder failed
     failures.append(f'tfds: {type(e).__name__}: {e}'.splitlines()[0])
   try:

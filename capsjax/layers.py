@@ -8,14 +8,41 @@ import jax
 import jax.numpy as jnp
 
 from capsjax.conv import conv2d
+from capsjax.errors import InputError
 from capsjax.ops import squash
 from capsjax.routing import batched_dynamic_routing
 
 Dtype = Any
 
+PADDINGS = ('VALID', 'SAME')
+
+
+def _same_padding(size, kernel, stride):
+  """(low, high) zero padding of one spatial axis for SAME output size ceil(size / stride).
+
+  Args:
+    size: int, input length along the axis.
+    kernel: int, kernel length along it.
+    stride: int.
+
+  Returns:
+    (low, high) ints; the low side gets the smaller half, as in TensorFlow.
+  """
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def check_images(images):
+  """Raise InputError unless `images` is a 4-D [batch, height, width, channels] array."""
+  if images.ndim != 4:
+    raise InputError(
+        f'images must be [batch, height, width, channels], got shape {images.shape}; '
+        f'add a trailing channel axis to grayscale images (images[..., None]).')
+
 
 class Conv2D(nn.Module):
-  """VALID convolution with bias; parameters named and laid out as `nn.Conv`'s.
+  """Convolution with bias; parameters named and laid out as `nn.Conv`'s.
 
   Attributes:
     features: output channels.
@@ -23,6 +50,8 @@ class Conv2D(nn.Module):
     strides: stride in both directions.
     impl: 'matmul' or 'xla', see `capsjax.conv.conv2d`.
     dtype: compute dtype; parameters are kept in param_dtype.
+    padding: 'VALID' (no padding) or 'SAME' (TensorFlow's and `nn.Conv`'s: out
+      = ceil(in / strides), the low side gets the smaller half of the padding).
   """
   features: int
   kernel_size: int
@@ -30,16 +59,24 @@ class Conv2D(nn.Module):
   impl: str = 'matmul'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  padding: str = 'VALID'
 
   @nn.compact
   def __call__(self, x):
     """x: [batch, height, width, channels] -> [batch, out_h, out_w, features]."""
+    if self.padding not in PADDINGS:
+      raise ValueError(f'padding must be one of {PADDINGS}, got {self.padding!r}.')
     kernel = self.param(
         'kernel', nn.initializers.lecun_normal(),
         (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
         self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.impl)
+    x = x.astype(self.dtype)
+    if self.padding == 'SAME':
+      # Padding the input lets both conv impls serve SAME through their VALID form.
+      x = jnp.pad(x, ((0, 0), _same_padding(x.shape[1], self.kernel_size, self.strides),
+                      _same_padding(x.shape[2], self.kernel_size, self.strides), (0, 0)))
+    y = conv2d(x, kernel.astype(self.dtype), self.strides, self.impl)
     return y + bias.astype(self.dtype)
 
 

@@ -1,5 +1,6 @@
-"""CapsNet losses: margin loss, reconstruction loss and the paper's total."""
+"""Losses: CapsNet's margin and reconstruction losses and their total; the baseline's cross-entropy."""
 
+import jax
 import jax.numpy as jnp
 
 RECONSTRUCTION_WEIGHT = 0.0005
@@ -37,9 +38,9 @@ def reconstruction_loss(reconstructions, images):
   return jnp.sum(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
 
 
-def capsnet_loss(lengths, targets, reconstructions=None, images=None,
-                 recon_weight=RECONSTRUCTION_WEIGHT):
-  """The paper's total loss: margin loss + recon_weight * reconstruction loss.
+def capsnet_loss_terms(lengths, targets, reconstructions=None, images=None,
+                       recon_weight=RECONSTRUCTION_WEIGHT):
+  """The paper's total loss and its two terms, per example.
 
   Args:
     lengths: [batch, K] capsule lengths.
@@ -49,9 +50,37 @@ def capsnet_loss(lengths, targets, reconstructions=None, images=None,
     recon_weight: weight of the reconstruction term (0.0005).
 
   Returns:
+    {'loss': margin + recon_weight * reconstruction, 'margin_loss',
+    'reconstruction_loss' (0 without a decoder)}, each float32 [batch].
+  """
+  margin = margin_loss(lengths, targets)
+  recon = (reconstruction_loss(reconstructions, images) if reconstructions is not None
+           else jnp.zeros_like(margin))
+  return {'loss': margin + recon_weight * recon, 'margin_loss': margin,
+          'reconstruction_loss': recon}
+
+
+def capsnet_loss(lengths, targets, reconstructions=None, images=None,
+                 recon_weight=RECONSTRUCTION_WEIGHT):
+  """The paper's total loss: margin loss + recon_weight * reconstruction loss.
+
+  Args: as `capsnet_loss_terms`.
+
+  Returns:
     [batch] float32 per-example loss.
   """
-  loss = margin_loss(lengths, targets)
-  if reconstructions is not None:
-    loss = loss + recon_weight * reconstruction_loss(reconstructions, images)
-  return loss
+  return capsnet_loss_terms(lengths, targets, reconstructions, images, recon_weight)['loss']
+
+
+def cross_entropy_loss(logits, labels):
+  """Softmax cross-entropy, the baseline CNN's loss.
+
+  Args:
+    logits: [batch, K] float.
+    labels: int [batch] class indices.
+
+  Returns:
+    [batch] float32.
+  """
+  logits = logits.astype(jnp.float32)
+  return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]

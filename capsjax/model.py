@@ -7,7 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutedCapsules, decoder_mask
+from capsjax.conv import output_size
+from capsjax.errors import InputError
+from capsjax.layers import (Conv2D, Decoder, PrimaryCapsules, RoutedCapsules, check_images,
+                            decoder_mask)
 from capsjax.ops import safe_norm
 
 
@@ -70,10 +73,20 @@ class CapsNet(nn.Module):
     Returns:
       A `CapsNetOutput`.
     """
-    if images.ndim != 4:
-      raise ValueError(
-          f'images must be [batch, height, width, channels], got shape {images.shape}; '
-          f'add a trailing channel axis to grayscale images (images[..., None]).')
+    check_images(images)
+    # Smaller images leave no PrimaryCaps positions (no capsules to route) or
+    # fail inside the convolution with an error that does not name the cause.
+    minimum = 1
+    for kernel, stride in ((self.primary_kernel, self.primary_strides), (self.conv_kernel, 1)):
+      minimum = (minimum - 1) * stride + kernel
+    height, width = images.shape[1:3]
+    if height < minimum or width < minimum:
+      raise InputError(
+          f'CapsNet needs images of at least {minimum}x{minimum} for its '
+          f'{self.conv_kernel}x{self.conv_kernel} Conv1 and '
+          f'{self.primary_kernel}x{self.primary_kernel} stride-{self.primary_strides} '
+          f'PrimaryCaps; got {height}x{width} (images of shape {images.shape}). Pad or '
+          f'resize the images, or build the model with a smaller conv_kernel or primary_kernel.')
     x = nn.relu(Conv2D(self.conv_features, self.conv_kernel, 1, self.conv_impl,
                        self.dtype, name='conv1')(images))
     u = PrimaryCapsules(self.primary_types, self.primary_dim, self.primary_kernel,
@@ -87,6 +100,16 @@ class CapsNet(nn.Module):
       decoder = Decoder(images.shape[1:], self.decoder_hidden, self.dtype, name='decoder')
       reconstructions = decoder(v, decoder_mask(lengths, labels)).astype(jnp.float32)
     return CapsNetOutput(v, lengths, reconstructions)
+
+  def primary_grid(self, image_shape):
+    """(height, width, types) of the PrimaryCaps map for images of `image_shape`.
+
+    PrimaryCapsules flattens this map position by position, so primary capsule
+    i sits at ((i // types) // width, (i // types) % width) and is of type i % types.
+    """
+    height, width = [output_size(output_size(size, self.conv_kernel, 1), self.primary_kernel,
+                                 self.primary_strides) for size in image_shape[:2]]
+    return height, width, self.primary_types
 
 
 def parameter_counts(params):

@@ -1,7 +1,13 @@
 """Training API: a config, `create_train_state`, and pure `train_step` / `eval_step`.
 
 A batch is {'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B]}; an
-evaluation batch may add 'mask': float32 [B], 0 for padding examples.
+evaluation batch may add 'mask': float32 [B], 0 for padding examples. The steps
+reject non-float images and non-integer labels when they are traced; values
+can only be checked on the host: call `check_batch` on batches you build.
+
+What a run is scored by is a per-example loss function (`classification_losses`
+by default), given to `create_train_state`: the steps minimise the mean of its
+'loss' and report the means of everything it returns.
 
 Both steps take `axis_name`: None on one device under `jit`, or the `pmap` axis
 name, in which case gradients and metrics are averaged across devices with
@@ -10,31 +16,38 @@ name, in which case gradients and metrics are averaged across devices with
 
 import dataclasses
 import functools
-from typing import Tuple
+from typing import Callable, Tuple
 
 import flax
 import flax.jax_utils
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 import optax
 from flax.training import train_state
 
 from capsjax.augment import random_shifts, shift_images
-from capsjax.losses import margin_loss, reconstruction_loss
+from capsjax.baseline import BaselineCNN
+from capsjax.errors import InputError
+from capsjax.losses import capsnet_loss_terms, cross_entropy_loss
 from capsjax.model import CapsNet, init_params
 
 AXIS_NAME = 'batch'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+MODELS = ('capsnet', 'baseline')
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run is configured by; the defaults are the paper's MNIST recipe.
 
+  model: 'capsnet' (reads routing_iters, recon_weight and the capsule sizes) or
+    'baseline' (the paper's CNN; reads dropout_rate).
   The learning rate decays exponentially: lr * lr_decay ** (step / lr_decay_steps).
   A zero recon_weight drops the decoder (the paper's "without reconstruction").
   """
+  model: str = 'capsnet'
   routing_iters: int = 3
   epochs: int = 50
   batch_size: int = 128
@@ -52,11 +65,17 @@ class TrainConfig:
   primary_types: int = 32
   primary_dim: int = 8
   digit_dim: int = 16
+  dropout_rate: float = 0.5
 
-  def model(self):
-    """The `CapsNet` this config trains."""
+  def build_model(self):
+    """The Flax module this config trains: a `CapsNet` or a `BaselineCNN`."""
     if self.dtype not in DTYPES:
-      raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.')
+      raise InputError(f'dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.')
+    if self.model == 'baseline':
+      return BaselineCNN(num_classes=self.num_classes, dropout_rate=self.dropout_rate,
+                         conv_impl=self.conv_impl, dtype=DTYPES[self.dtype])
+    if self.model != 'capsnet':
+      raise InputError(f'model must be one of {MODELS}, got {self.model!r}.')
     return CapsNet(num_classes=self.num_classes, conv_features=self.conv_features,
                    primary_types=self.primary_types, primary_dim=self.primary_dim,
                    digit_dim=self.digit_dim, routing_iters=self.routing_iters,
@@ -68,36 +87,99 @@ class TrainConfig:
 
 
 class TrainState(train_state.TrainState):
-  """Flax's TrainState plus the (static) config the steps read."""
+  """Flax's TrainState plus the run's random key and its (static) config and loss.
+
+  rng: the key every random choice of a step derives from (shifts, dropout),
+    folded with the step number.
+  """
+  rng: jax.Array = None
   config: TrainConfig = flax.struct.field(pytree_node=False, default=None)
+  loss_fn: Callable = flax.struct.field(pytree_node=False, default=None)
 
 
-def create_train_state(rng, config):
+def classification_losses(state, params, batch, train, rng):
+  """Per-example terms of a classifier: its loss, and 'accuracy' (1 if right, else 0).
+
+  CapsNet: the paper's margin + reconstruction loss; its decoder sees the true
+  class's capsule in training and the longest one in evaluation. Baseline CNN:
+  cross-entropy, with dropout in training.
+
+  Args:
+    state: a `TrainState` (its apply_fn and config are read).
+    params: the parameters to evaluate the loss at.
+    batch: {'image': float [B, H, W, C] in [0, 1], 'label': int [B]}.
+    train: bool, whether this is a training step.
+    rng: PRNG key for dropout (training only).
+
+  Returns:
+    dict of float32 [B]: 'loss', 'accuracy', and for CapsNet 'margin_loss' and
+    'reconstruction_loss'.
+  """
+  config = state.config
+  images, labels = batch['image'], batch['label']
+  if config.model == 'baseline':
+    scores = state.apply_fn({'params': params}, images, train=train,
+                            rngs={'dropout': rng} if train else {})
+    terms = {'loss': cross_entropy_loss(scores, labels)}
+  else:
+    out = state.apply_fn({'params': params}, images, labels if train else None)
+    scores = out.lengths
+    terms = capsnet_loss_terms(out.lengths, jax.nn.one_hot(labels, config.num_classes),
+                               out.reconstructions, images, config.recon_weight)
+  terms['accuracy'] = (jnp.argmax(scores, axis=-1) == labels).astype(jnp.float32)
+  return terms
+
+
+def create_train_state(rng, config, loss_fn=classification_losses):
   """Initialise parameters and the Adam optimizer for `config`.
 
   Args:
-    rng: PRNG key for the parameters.
+    rng: PRNG key; the parameters and every random choice of training derive from it.
     config: a `TrainConfig`.
+    loss_fn: the per-example loss, (state, params, batch, train, rng) -> dict of
+      float32 [B] holding 'loss' (see `classification_losses`).
 
   Returns:
     A `TrainState` on the default device (replicate it for `pmap_steps`).
   """
-  model = config.model()
-  params = init_params(model, rng, config.image_shape)
+  model = config.build_model()
+  params_key, state_key = jax.random.split(rng)
+  params = init_params(model, params_key, config.image_shape)
   state = TrainState.create(apply_fn=model.apply, params=params,
-                            tx=optax.adam(config.learning_rate_schedule()), config=config)
+                            tx=optax.adam(config.learning_rate_schedule()), rng=state_key,
+                            config=config, loss_fn=loss_fn)
   # An int32 array, as train_step returns it, so the second step does not recompile.
   return state.replace(step=jnp.zeros((), jnp.int32))
 
 
-def _losses(state, params, images, labels, mask_labels):
-  out = state.apply_fn({'params': params}, images, mask_labels)
-  targets = jax.nn.one_hot(labels, state.config.num_classes)
-  margin = margin_loss(out.lengths, targets)
-  recon = (reconstruction_loss(out.reconstructions, images) if out.reconstructions is not None
-           else jnp.zeros_like(margin))
-  correct = (jnp.argmax(out.lengths, axis=-1) == labels).astype(jnp.float32)
-  return margin + state.config.recon_weight * recon, margin, recon, correct
+def _check_batch_types(batch):
+  if not jnp.issubdtype(batch['image'].dtype, jnp.floating):
+    raise InputError(f"batch['image'] is {batch['image'].dtype}; the steps take float images "
+                     f'in [0, 1]: divide uint8 pixels by 255 (train.take_batch does).')
+  if not jnp.issubdtype(batch['label'].dtype, jnp.integer):
+    raise InputError(f"batch['label'] is {batch['label'].dtype}; the steps take integer "
+                     f'class indices.')
+
+
+def check_batch(batch, num_classes):
+  """Check a host batch against the batch contract, before it reaches a step.
+
+  Args:
+    batch: {'image': float [B, H, W, C], 'label': int [B]} as NumPy or concrete
+      JAX arrays.
+    num_classes: labels must lie in [0, num_classes).
+
+  Raises:
+    InputError: naming what is wrong (dtype, pixel range, label range) and the fix.
+  """
+  _check_batch_types(batch)
+  images, labels = np.asarray(batch['image']), np.asarray(batch['label'])
+  if images.size and (images.min() < 0 or images.max() > 1):
+    raise InputError(f"batch['image'] holds values in [{images.min()}, {images.max()}]; "
+                     f'pixels must lie in [0, 1] (divide 0..255 pixels by 255).')
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise InputError(f"batch['label'] holds labels in [{labels.min()}, {labels.max()}]; "
+                     f'they must lie in [0, {num_classes}).')
 
 
 def _example_ids(batch_size, axis_name):
@@ -114,31 +196,34 @@ def train_step(state, batch, axis_name=None):
     axis_name: the pmap axis to average gradients and metrics over, or None.
 
   Returns:
-    (new_state, metrics): metrics holds scalar 'loss', 'margin_loss',
-    'reconstruction_loss' and 'accuracy', means over the (global) batch.
+    (new_state, metrics): the mean over the (global) batch of every term of
+    the state's loss_fn ('loss', 'accuracy', ...), float32 scalars.
   """
+  _check_batch_types(batch)
   config = state.config
-  images, labels = batch['image'], batch['label']
+  shift_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  if axis_name is not None:
+    dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(axis_name))
+  images = batch['image']
   if config.shift_pixels:
-    step_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
-    shifts = random_shifts(step_key, _example_ids(images.shape[0], axis_name),
+    shifts = random_shifts(shift_key, _example_ids(images.shape[0], axis_name),
                            config.shift_pixels)
     images = shift_images(images, shifts, config.shift_pixels)
+  batch = {**batch, 'image': images}
 
-  def loss_fn(params):
-    loss, margin, recon, correct = _losses(state, params, images, labels, labels)
-    return jnp.mean(loss), (margin, recon, correct)
+  def mean_loss(params):
+    terms = state.loss_fn(state, params, batch, True, dropout_key)
+    return jnp.mean(terms['loss']), terms
 
-  (loss, (margin, recon, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  metrics = {'loss': loss, 'margin_loss': jnp.mean(margin),
-             'reconstruction_loss': jnp.mean(recon), 'accuracy': jnp.mean(correct)}
+  (_, terms), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+  metrics = {name: jnp.mean(value) for name, value in terms.items()}
   if axis_name is not None:
     grads, metrics = lax.pmean((grads, metrics), axis_name)
   return state.apply_gradients(grads=grads), metrics
 
 
 def eval_step(state, batch, axis_name=None):
-  """Sums of loss and correct predictions on a batch (decoder masked by the prediction).
+  """Sums over a batch of every term of the state's loss_fn, without augmentation.
 
   Args:
     state: a `TrainState`.
@@ -147,14 +232,14 @@ def eval_step(state, batch, axis_name=None):
     axis_name: the pmap axis to sum over, or None.
 
   Returns:
-    {'loss': sum of per-example losses, 'correct': number right, 'count': number
-    of real examples}, float32 scalars, summed over devices.
+    {'loss': sum of per-example losses, 'accuracy': number right, ..., 'count':
+    number of real examples}, float32 scalars, summed over devices.
   """
-  images, labels = batch['image'], batch['label']
-  mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32))
-  loss, _, _, correct = _losses(state, state.params, images, labels, None)
-  sums = {'loss': jnp.sum(loss * mask), 'correct': jnp.sum(correct * mask),
-          'count': jnp.sum(mask)}
+  _check_batch_types(batch)
+  mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
+  terms = state.loss_fn(state, state.params, batch, False, None)
+  sums = {name: jnp.sum(value * mask) for name, value in terms.items()}
+  sums['count'] = jnp.sum(mask)
   return sums if axis_name is None else lax.psum(sums, axis_name)
 
 

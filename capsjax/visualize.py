@@ -1,9 +1,66 @@
-"""Pictures of what the model does: test digits beside their reconstructions."""
+"""Pictures of what the model does: reconstructions, capsule dimensions, routing maps."""
 
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+from capsjax.interpret import PERTURBATIONS
+
+# White pixels between tiles, so neighbouring black digit backgrounds stay apart.
+_GAP = 2
+# Marks the predicted class; no heat-map colour is blue, so it cannot be mistaken.
+_HIGHLIGHT = (0, 90, 220)
+
+
+def _tile(pixels, size):
+  """Magnify a picture with nearest-neighbour resampling, keeping its pixels visible.
+
+  Args:
+    pixels: float [h, w] (grey) or [h, w, 3] (RGB) in [0, 1]; values outside are clipped.
+    size: (width, height) of the result in pixels.
+
+  Returns:
+    A PIL image ('L' or 'RGB').
+  """
+  return Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8)).resize(
+      size, Image.NEAREST)
+
+
+def _heat_colours(values):
+  """Colour map black -> red -> yellow -> white, bright where values are large.
+
+  Args:
+    values: float [...] in [0, 1].
+
+  Returns:
+    float [..., 3] RGB in [0, 1]; red, green and blue rise in turn over thirds of the range.
+  """
+  return np.clip(np.clip(values, 0, 1)[..., None] * 3 - np.arange(3), 0, 1)
+
+
+def _line_height(font):
+  """Pixels one line of text takes, with a little air below.
+
+  Args:
+    font: a PIL font.
+
+  Returns:
+    int.
+  """
+  return font.getbbox('Ag0')[3] + 4
+
+
+def _save(canvas, path):
+  """Write canvas to path under a temporary name and rename, so no reader sees half a picture.
+
+  Args:
+    canvas: a PIL image.
+    path: the .png to write.
+  """
+  partial = path + '.partial.png'
+  canvas.save(partial)
+  os.replace(partial, path)
 
 
 def reconstruction_grid(images, reconstructions, labels, predictions, path, scale=3, columns=8):
@@ -24,16 +81,125 @@ def reconstruction_grid(images, reconstructions, labels, predictions, path, scal
   rows = -(-count // columns)
   canvas = Image.new('RGB', (columns * cell_w, rows * cell_h), 'white')
   draw = ImageDraw.Draw(canvas)
-  to_tile = lambda a: Image.fromarray(
-      (np.clip(a[..., 0], 0, 1) * 255).astype(np.uint8)).resize((width * scale, height * scale),
-                                                                 Image.NEAREST)
+  size = (width * scale, height * scale)
   for n in range(count):
     x, y = (n % columns) * cell_w, (n // columns) * cell_h
-    canvas.paste(to_tile(images[n]), (x, y))
-    canvas.paste(to_tile(reconstructions[n]), (x + width * scale + 2, y))
+    canvas.paste(_tile(images[n, ..., 0], size), (x, y))
+    canvas.paste(_tile(reconstructions[n, ..., 0], size), (x + width * scale + 2, y))
     colour = 'black' if labels[n] == predictions[n] else 'red'
     draw.text((x + 2, y + height * scale + 1), f'label {labels[n]}  pred {predictions[n]}',
               fill=colour)
-  partial = path + '.partial.png'
-  canvas.save(partial)
-  os.replace(partial, path)
+  _save(canvas, path)
+
+
+def dimension_sheet(images, path, title=None, captions=None, values=PERTURBATIONS, scale=2):
+  """Write a PNG of the paper's Figure 4: one row per capsule dimension, one column per offset.
+
+  Rows are labelled 'd0', 'd1', ... at the left and columns with their offsets
+  ('-0.25' ... '+0.25') along the top; the '0.00' column is the plain
+  reconstruction. Several examples are drawn as blocks stacked vertically, each
+  with its own caption and column labels.
+
+  Args:
+    images: float [dim, num_values, H, W, 1] in [0, 1] for one example (what
+      `capsjax.interpret.decode_perturbations` returns), or
+      [N, dim, num_values, H, W, 1] for N examples.
+    path: the .png to write.
+    title: optional str, a line at the top.
+    captions: optional N strs, one above each block (e.g. 'digit 3, label 7,
+      predicted 7').
+    values: float [num_values], the offsets, for the column labels.
+    scale: int pixel magnification of each decoded image.
+  """
+  blocks = images[None] if images.ndim == 5 else images
+  count, dim, num_values, height, width = blocks.shape[:5]
+  font = ImageFont.load_default()
+  line = _line_height(font)
+  tile_w, tile_h = width * scale, height * scale
+  left = font.getbbox(f'd{dim - 1}')[2] + 6
+  block_h = (line if captions is not None else 0) + line + dim * (tile_h + _GAP) + line // 2
+  top = line if title else 0
+  canvas = Image.new('RGB', (left + num_values * (tile_w + _GAP), top + count * block_h), 'white')
+  draw = ImageDraw.Draw(canvas)
+  if title:
+    draw.text((2, 1), title, fill='black', font=font)
+  labels = [f'{v:+.2f}' if v else '0.00' for v in np.asarray(values, np.float64)]
+  for n in range(count):
+    y = top + n * block_h
+    if captions is not None:
+      draw.text((2, y + 1), captions[n], fill='black', font=font)
+      y += line
+    for v, text in enumerate(labels):
+      draw.text((left + v * (tile_w + _GAP) + tile_w // 2, y + line // 2), text, fill='black',
+                font=font, anchor='mm')
+    y += line
+    for d in range(dim):
+      row_y = y + d * (tile_h + _GAP)
+      draw.text((left - 4, row_y + tile_h // 2), f'd{d}', fill='black', font=font, anchor='rm')
+      for v in range(num_values):
+        canvas.paste(_tile(blocks[n, d, v, ..., 0], (tile_w, tile_h)),
+                     (left + v * (tile_w + _GAP), row_y))
+  _save(canvas, path)
+
+
+def coupling_figure(image, maps, label, prediction, path, title=None, scale=3):
+  """Write a PNG: each input digit, then one heat map of its routing per class.
+
+  Each row shows the digit (captioned 'label L pred P', red when wrong), then
+  the class maps from `capsjax.interpret.coupling_maps` magnified to the digit's
+  size, captioned with the class index; the predicted class is framed and
+  captioned in blue. Colours run black -> red -> yellow -> white on one scale
+  per row, shared by all its classes so they compare, from 0 to the row's
+  largest value, shown on the colour bar at the right. A map cell is a PrimaryCaps
+  position, whose receptive field is much larger than the cell it is drawn as,
+  so the maps are a coarse guide to where evidence comes from, not pixel-aligned.
+
+  Args:
+    image: float [H, W, 1] in [0, 1], or [N, H, W, 1] for N rows.
+    maps: float [num_classes, h, w] >= 0, or [N, num_classes, h, w].
+    label, prediction: int, or int [N].
+    path: the .png to write.
+    title: optional str, a line at the top.
+    scale: int pixel magnification of the digit; maps are drawn the same size.
+  """
+  images = image if image.ndim == 4 else image[None]
+  maps = maps if maps.ndim == 4 else maps[None]
+  labels, predictions = np.atleast_1d(label), np.atleast_1d(prediction)
+  count, height, width = images.shape[:3]
+  num_classes = maps.shape[1]
+  font = ImageFont.load_default()
+  line = _line_height(font)
+  size = tile_w, tile_h = width * scale, height * scale
+  # Room for the 2-pixel frame around the predicted map.
+  cell_w, row_h = tile_w + 6, tile_h + 6 + line
+  maps_x = tile_w + 12
+  bar_x = maps_x + num_classes * cell_w + 4
+  top = line if title else 0
+  canvas = Image.new('RGB', (bar_x + 60, top + count * row_h), 'white')
+  draw = ImageDraw.Draw(canvas)
+  if title:
+    draw.text((2, 1), title, fill='black', font=font)
+  bar = _tile(_heat_colours(np.linspace(1, 0, tile_h))[:, None], (10, tile_h))
+  for n in range(count):
+    y = top + n * row_h + 3
+    canvas.paste(_tile(images[n, ..., 0], size), (0, y))
+    right = labels[n] == predictions[n]
+    draw.text((0, y + tile_h + 3), f'label {labels[n]}  pred {predictions[n]}',
+              fill='black' if right else 'red', font=font)
+    peak = float(maps[n].max())
+    heat = _heat_colours(maps[n] / max(peak, np.finfo(np.float32).tiny))
+    for j in range(num_classes):
+      x = maps_x + j * cell_w + 3
+      canvas.paste(_tile(heat[j], size), (x, y))
+      chosen = j == predictions[n]
+      if chosen:
+        draw.rectangle((x - 3, y - 3, x + tile_w + 2, y + tile_h + 2), outline=_HIGHLIGHT,
+                       width=2)
+      # A grey outline keeps a white (hottest) map distinct from the page.
+      draw.rectangle((x - 1, y - 1, x + tile_w, y + tile_h), outline=(160, 160, 160))
+      draw.text((x + tile_w // 2, y + tile_h + 3 + line // 2), str(j),
+                fill=_HIGHLIGHT if chosen else 'black', font=font, anchor='mm')
+    canvas.paste(bar, (bar_x, y))
+    draw.text((bar_x + 14, y), f'{peak:.3g}', fill='black', font=font, anchor='lt')
+    draw.text((bar_x + 14, y + tile_h), '0', fill='black', font=font, anchor='lb')
+  _save(canvas, path)

@@ -1,7 +1,8 @@
-"""Time CapsNet training and inference steps against this machine's matmul rate.
+"""Time training and inference steps of CapsNet (and the baseline CNN) against the matmul rate.
 
     python -m experiments.benchmark                       # the full table
     python -m experiments.benchmark --batch_sizes=64 --dtypes=float32 --routing_iters=3
+    python -m experiments.benchmark --models=capsnet,baseline --routing_iters=3
 
 For each batch size, routing iterations and compute dtype it times the jitted
 training step (forward, backward, Adam update) and inference (forward only):
@@ -38,8 +39,9 @@ from capsjax.ops import squash
 from capsjax.routing import batched_dynamic_routing
 
 FLAGS = flags.FLAGS
+flags.DEFINE_list('models', ['capsnet'], "capsnet and/or baseline (the paper's CNN).")
 flags.DEFINE_list('batch_sizes', ['16', '64', '128'], 'Global batch sizes.')
-flags.DEFINE_list('routing_iters', ['1', '3'], 'Routing iterations.')
+flags.DEFINE_list('routing_iters', ['1', '3'], 'Routing iterations (CapsNet rows).')
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes.')
 flags.DEFINE_list('modes', ['train', 'infer'], 'train: the optimizer step; infer: forward only.')
 flags.DEFINE_integer('repeats', 7, 'Timed calls per row (the median is reported).', lower_bound=1)
@@ -74,7 +76,7 @@ def model_flops(config):
     'routing' and 'decoder', their sum 'forward', and 'train'.
   """
   size, _, channels = config.image_shape
-  model = config.model()
+  model = config.build_model()
   conv1, size = conv_macs(size, model.conv_kernel, 1, channels, model.conv_features)
   primary, size = conv_macs(size, model.primary_kernel, model.primary_strides,
                             model.conv_features, model.primary_types * model.primary_dim)
@@ -93,6 +95,39 @@ def model_flops(config):
   flops['forward'] = sum(flops.values())
   flops['train'] = 3 * flops['forward'] - flops['conv1']
   return flops
+
+
+def baseline_flops(config):
+  """FLOPs per image of the baseline CNN, by layer, counted as `model_flops` counts.
+
+  Args:
+    config: a `train.TrainConfig` with model='baseline'.
+
+  Returns:
+    dict: the forward FLOPs of each layer by its name, 'forward' and 'train'.
+  """
+  model = config.build_model()
+  height, width, channels = config.image_shape
+  kernel, pad = model.kernel_size, model.kernel_size // 2
+  # SAME, stride 1: along an axis of n outputs, n * kernel taps less the p(p+1) that
+  # fall on the zero padding (which XLA does not count either).
+  taps = (kernel * height - pad * (pad + 1)) * (kernel * width - pad * (pad + 1))
+  macs = {}
+  for i, features in enumerate(model.conv_features):
+    macs[f'conv{i + 1}'] = taps * channels * features
+    channels = features
+  widths = (height * width * channels, *model.hidden, config.num_classes)
+  for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    macs[f'fc{i + 1}'] = a * b
+  flops = {name: 2 * value for name, value in macs.items()}
+  flops['forward'] = sum(flops.values())
+  flops['train'] = 3 * flops['forward'] - flops['conv1']
+  return flops
+
+
+def flops_per_image(config):
+  """`model_flops` or `baseline_flops`, as config.model says."""
+  return (model_flops if config.model == 'capsnet' else baseline_flops)(config)
 
 
 def interleaved_median_seconds(calls, repeats):
@@ -170,9 +205,10 @@ def random_batch(batch_size, config, seed=0):
           'label': jnp.asarray(rng.integers(0, config.num_classes, batch_size), jnp.int32)}
 
 
-def time_model(mode, dtype, routing_iters, batch_size, repeats):
+def time_model(model, mode, dtype, routing_iters, batch_size, repeats):
   """One row of the model table: times, rates and memory of a step."""
-  config = train.TrainConfig(routing_iters=routing_iters, batch_size=batch_size, dtype=dtype)
+  config = train.TrainConfig(model=model, routing_iters=routing_iters, batch_size=batch_size,
+                             dtype=dtype)
   state = train.create_train_state(jax.random.PRNGKey(0), config)
   batch = random_batch(batch_size, config)
   if mode == 'train':
@@ -184,18 +220,21 @@ def time_model(mode, dtype, routing_iters, batch_size, repeats):
       return metrics
   else:
     compiled = jax.jit(lambda state, images: state.apply_fn(
-        {'params': state.params}, images).lengths).lower(state, batch['image']).compile()
+        {'params': state.params}, images)).lower(state, batch['image']).compile()
     step = lambda batch: compiled(state, batch['image'])
   matmul, matmul_args, matmul_flops = matmul_call(train.DTYPES[dtype])
   seconds, matmul_seconds = interleaved_median_seconds(
       [(step, (batch,)), (matmul, matmul_args)], repeats)
-  flops = model_flops(config)['train' if mode == 'train' else 'forward'] * batch_size
+  capsnet = model == 'capsnet'
+  flops = flops_per_image(config)['train' if mode == 'train' else 'forward'] * batch_size
   gflops, matmul_gflops = flops / seconds / 1e9, matmul_flops / matmul_seconds / 1e9
-  return dict(mode=mode, dtype=dtype, routing_iters=routing_iters, batch=batch_size,
+  return dict(model=model, mode=mode, dtype=dtype,
+              routing_iters=routing_iters if capsnet else None, batch=batch_size,
               ms=1e3 * seconds, images_per_sec=batch_size / seconds, gflops=gflops,
               matmul_gflops=matmul_gflops, matmul_fraction=gflops / matmul_gflops,
               peak_mb=peak_megabytes(compiled),
-              prediction_buffers=prediction_buffers(compiled, batch_size, config))
+              prediction_buffers=(prediction_buffers(compiled, batch_size, config) if capsnet
+                                  else None))
 
 
 def unrolled_routing(u_hat, num_iters):
@@ -238,7 +277,7 @@ def print_table(rows, columns):
 
 
 MODEL_COLUMNS = [
-    ('mode', 'mode', '{}'), ('dtype', 'dtype', '{}'), ('routing_iters', 'iters', '{}'),
+    ('model', 'model', '{}'), ('mode', 'mode', '{}'), ('dtype', 'dtype', '{}'), ('routing_iters', 'iters', '{}'),
     ('batch', 'batch', '{}'), ('ms', 'ms/step', '{:.1f}'), ('images_per_sec', 'images/s', '{:.1f}'),
     ('gflops', 'GFLOP/s', '{:.1f}'), ('matmul_gflops', 'matmul GFLOP/s', '{:.1f}'),
     ('matmul_fraction', 'of matmul', '{:.0%}'), ('peak_mb', 'peak MiB', '{:.0f}'),
@@ -270,6 +309,9 @@ def main(argv):
   for mode in FLAGS.modes:
     if mode not in ('train', 'infer'):
       raise app.UsageError(f'--modes: {mode!r} is not train or infer')
+  for model in FLAGS.models:
+    if model not in train.MODELS:
+      raise app.UsageError(f'--models: {model!r} is not one of {train.MODELS}')
   logging.set_verbosity(logging.WARNING)
   runtime.restart_with_huge_pages()
 
@@ -280,14 +322,15 @@ def main(argv):
   print(f'Model FLOPs per image (paper model, 3 iterations): forward '
         f'{flops["forward"] / 1e9:.3f} G, training step {flops["train"] / 1e9:.3f} G\n')
   rows = []
-  for mode in FLAGS.modes:
-    for dtype in FLAGS.dtypes:
-      for iters in routing_iters:
-        for batch_size in batch_sizes:
-          row = time_model(mode, dtype, iters, batch_size, FLAGS.repeats)
-          print(f'  {mode} {dtype} {iters} iterations, batch {batch_size}: '
-                f'{row["images_per_sec"]:.1f} images/s', flush=True)
-          rows.append(row)
+  for model in FLAGS.models:
+    for mode in FLAGS.modes:
+      for dtype in FLAGS.dtypes:
+        for iters in routing_iters if model == 'capsnet' else [None]:
+          for batch_size in batch_sizes:
+            row = time_model(model, mode, dtype, iters, batch_size, FLAGS.repeats)
+            print(f'  {model} {mode} {dtype}' + (f' {iters} iterations' if iters else '') +
+                  f', batch {batch_size}: {row["images_per_sec"]:.1f} images/s', flush=True)
+            rows.append(row)
   print()
   print_table(rows, MODEL_COLUMNS)
 
@@ -301,7 +344,8 @@ def main(argv):
     print(f'Routing target, fori_loop at least as fast as the Python loop: {slowest:.2f}x at '
           f'worst: {"met" if slowest >= 1 else "NOT met"}')
 
-  target = [r for r in rows if all(r[k] == v for k, v in TARGET_ROW.items())]
+  target = [r for r in rows if r['model'] == 'capsnet' and
+            all(r[k] == v for k, v in TARGET_ROW.items())]
   if target and device.platform == 'cpu':
     fraction = target[0]['matmul_fraction']
     print(f'\nCPU target, training step at batch 64, float32, 3 iterations: {fraction:.0%} of '

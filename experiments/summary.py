@@ -1,7 +1,8 @@
-"""Print the CapsNet's layers, output shapes and parameter counts.
+"""Print a model's layers, output shapes and parameter counts.
 
-    python -m experiments.summary                  # the paper's MNIST model
+    python -m experiments.summary                  # the paper's MNIST CapsNet
     python -m experiments.summary --image_size=36 --routing_iters=1 --nouse_decoder
+    python -m experiments.summary --model=baseline # the paper's baseline CNN
 """
 
 from absl import app, flags
@@ -11,29 +12,46 @@ import jax.numpy as jnp
 import capsjax
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum('model', 'capsnet', ['capsnet', 'baseline'],
+                  "capsnet: the paper's CapsNet; baseline: its baseline CNN.")
 flags.DEFINE_integer('image_size', 28, 'Height and width of the input images.')
 flags.DEFINE_integer('channels', 1, 'Input channels.')
-flags.DEFINE_integer('num_classes', 10, 'Class capsules.')
+flags.DEFINE_integer('num_classes', 10, 'Class capsules (baseline: logits).')
 flags.DEFINE_integer('routing_iters', 3, 'Routing iterations.')
 flags.DEFINE_bool('use_decoder', True, 'Include the reconstruction decoder.')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  model = capsjax.CapsNet(num_classes=FLAGS.num_classes, routing_iters=FLAGS.routing_iters,
-                          use_decoder=FLAGS.use_decoder)
-  image_shape = (FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
-  params = capsjax.init_params(model, jax.random.PRNGKey(0), image_shape)
-  out = jax.eval_shape(model.apply, {'params': params}, jnp.zeros((1, *image_shape)))
-  print(f'CapsNet for {image_shape} images, {FLAGS.routing_iters} routing iterations')
-  print(f'  primary capsules: {params["digit_caps"]["weights"].shape[0]} of '
-        f'{model.primary_dim}D; class capsules: {out.capsules.shape[1:]}')
+def print_layers(params):
+  """Print each top-level layer's parameter count and leaf shapes, then the total.
+
+  Args:
+    params: the 'params' collection of an initialised model.
+  """
   for name, count in capsjax.parameter_counts(params).items():
     shapes = '' if name == 'total' else ', '.join(
         f'{"/".join(str(k.key) for k in path)} {tuple(leaf.shape)}'
         for path, leaf in jax.tree_util.tree_leaves_with_path(params[name]))
     print(f'  {name:<13s}{count:>10,d}  {shapes}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  image_shape = (FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
+  if FLAGS.model == 'baseline':
+    model = capsjax.BaselineCNN(num_classes=FLAGS.num_classes)
+    params = capsjax.init_params(model, jax.random.PRNGKey(0), image_shape)
+    print(f'Baseline CNN for {image_shape} images')
+    print_layers(params)
+    return
+  model = capsjax.CapsNet(num_classes=FLAGS.num_classes, routing_iters=FLAGS.routing_iters,
+                          use_decoder=FLAGS.use_decoder)
+  params = capsjax.init_params(model, jax.random.PRNGKey(0), image_shape)
+  out = jax.eval_shape(model.apply, {'params': params}, jnp.zeros((1, *image_shape)))
+  print(f'CapsNet for {image_shape} images, {FLAGS.routing_iters} routing iterations')
+  print(f'  primary capsules: {params["digit_caps"]["weights"].shape[0]} of '
+        f'{model.primary_dim}D; class capsules: {out.capsules.shape[1:]}')
+  print_layers(params)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from capsjax import train
-from experiments.benchmark import model_flops
+from experiments.benchmark import flops_per_image, model_flops
 from tests.conftest import REPO
 
 
@@ -27,18 +27,31 @@ def test_flops_of_the_paper_model_by_hand():
   assert no_decoder['decoder'] == 0 and no_decoder['routing'] == 2 * 1152 * 10 * 16
 
 
+def test_flops_of_the_baseline_by_hand():
+  flops = flops_per_image(train.TrainConfig(model='baseline'))
+  # Taps inside the image along one axis: 5 per output, less 2 + 1 at each border.
+  taps = (28 * 5 - 6) ** 2
+  assert flops['conv1'] == 2 * taps * 1 * 256
+  assert flops['conv2'] == 2 * taps * 256 * 256
+  assert flops['conv3'] == 2 * taps * 256 * 128
+  assert (flops['fc1'], flops['fc2'], flops['fc3']) == (
+      2 * 28 * 28 * 128 * 328, 2 * 328 * 192, 2 * 192 * 10)
+  assert flops['train'] == 3 * flops['forward'] - flops['conv1']
+
+
 @pytest.mark.parametrize('config', [
     train.TrainConfig(),
     train.TrainConfig(routing_iters=1, recon_weight=0.0, image_shape=(36, 36, 1), num_classes=5,
-                      conv_features=64, primary_types=8)])
+                      conv_features=64, primary_types=8),
+    train.TrainConfig(model='baseline', image_shape=(12, 12, 1))])
 def test_flops_agree_with_xla_cost_analysis(config):
   # XLA counts from the compiled program (and adds the elementwise work the count leaves out).
-  model = config.model().clone(conv_impl='xla')
+  model = config.build_model().clone(conv_impl='xla')
   images = jnp.zeros((4, *config.image_shape))
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
   cost = jax.jit(model.apply).lower(params, images).compile().cost_analysis()
   xla_per_image = cost['flops'] / 4
-  assert 1.0 <= xla_per_image / model_flops(config)['forward'] < 1.03
+  assert 1.0 <= xla_per_image / flops_per_image(config)['forward'] < 1.03
 
 
 def test_benchmark_run_writes_its_table(tmp_path):

@@ -35,6 +35,27 @@ def test_matmul_convolution_gradients_equal_direct_loops(size, kernel, stride, c
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
 
 
+
+@pytest.mark.parametrize('size,kernel,stride,channels', [((20, 20), 9, 2, 16), ((17, 19), 5, 3, 4)])
+def test_forward_mode_of_the_matmul_convolution(size, kernel, stride, channels):
+  rng = np.random.default_rng(kernel + stride)
+  x, dx = rng.normal(size=(2, 2, *size, channels)).astype(np.float32)
+  w, dw = rng.normal(size=(2, kernel, kernel, channels, 5)).astype(np.float32)
+  # The convolution is bilinear: its derivative along (dx, dw) is conv(dx, w) + conv(x, dw).
+  expected = reference.conv2d_valid(dx, w, stride) + reference.conv2d_valid(x, dw, stride)
+  primals, tangents = tuple(map(jnp.asarray, (x, w))), tuple(map(jnp.asarray, (dx, dw)))
+  for impl in ('matmul', 'xla'):
+    _, derivative = jax.jvp(lambda x, w, impl=impl: conv2d(x, w, stride, impl), primals, tangents)
+    np.testing.assert_allclose(derivative, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_matmul_convolution_jacobians_forward_and_reverse_agree():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 8, 3))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 2))
+  conv = lambda x, w: conv2d(x, w, 2)
+  for forward, reverse in zip(jax.jacfwd(conv, (0, 1))(x, w), jax.jacrev(conv, (0, 1))(x, w)):
+    np.testing.assert_allclose(forward, reverse, rtol=1e-5, atol=1e-6)
+
 def test_unknown_conv_impl_is_a_clear_error():
   with pytest.raises(ValueError, match="'matmul', 'xla'"):
     conv2d(jnp.zeros((1, 9, 9, 1)), jnp.zeros((3, 3, 1, 2)), 1, 'cudnn')
@@ -145,3 +166,48 @@ def test_images_without_channel_axis_are_a_clear_error(paper_model):
   model, params = paper_model
   with pytest.raises(ValueError, match='channel axis'):
     model.apply({'params': params}, jnp.zeros((2, 28, 28)))
+
+
+@pytest.mark.parametrize('height,width', [(12, 12), (16, 16), (16, 28), (28, 16)])
+def test_images_smaller_than_the_kernels_are_a_clear_error(height, width):
+  with pytest.raises(ValueError, match=f'at least 17x17 .* got {height}x{width} '):
+    capsjax.init_params(capsjax.CapsNet(), jax.random.PRNGKey(0), (height, width, 1))
+
+
+def test_smallest_images_give_one_position_of_primary_capsules():
+  model = capsjax.CapsNet(conv_features=8, primary_types=32, primary_dim=4, digit_dim=4,
+                          use_decoder=False)
+  params = capsjax.init_params(model, jax.random.PRNGKey(0), (17, 17, 1))
+  assert params['digit_caps']['weights'].shape == (32, 10, 4, 4)  # 1 x 1 x 32 capsules
+  assert model.apply({'params': params}, jnp.zeros((2, 17, 17, 1))).lengths.shape == (2, 10)
+
+
+def test_minimum_image_size_follows_the_kernels_and_stride():
+  # Conv1 5x5 stride 1, PrimaryCaps 4x4 stride 3: 8x8 in -> 4x4 -> one position.
+  model = capsjax.CapsNet(conv_features=8, conv_kernel=5, primary_types=2, primary_dim=4,
+                          primary_kernel=4, primary_strides=3, digit_dim=4, use_decoder=False)
+  params = capsjax.init_params(model, jax.random.PRNGKey(0), (8, 8, 3))
+  assert params['digit_caps']['weights'].shape == (2, 10, 4, 4)
+  message = 'at least 8x8 for its 5x5 Conv1 and 4x4 stride-3 PrimaryCaps; got 7x9 '
+  with pytest.raises(ValueError, match=message):
+    capsjax.init_params(model, jax.random.PRNGKey(0), (7, 9, 3))
+
+
+
+def test_hessian_vector_product_through_the_matmul_convolution():
+  model = capsjax.CapsNet(conv_features=8, primary_types=2, primary_dim=4, digit_dim=4,
+                          use_decoder=False)
+  images = jax.random.uniform(jax.random.PRNGKey(1), (2, 20, 20, 1))
+  targets = jax.nn.one_hot(jnp.array([3, 7]), 10)
+  params = capsjax.init_params(model, jax.random.PRNGKey(0), (20, 20, 1))
+  direction = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+
+  def hvp(m):
+    loss = lambda p: jnp.mean(capsjax.margin_loss(m.apply({'params': p}, images).lengths, targets))
+    return jax.jit(lambda p, v: jax.jvp(jax.grad(loss), (p,), (v,))[1])(params, direction)
+
+  fast, slow = hvp(model), hvp(model.clone(conv_impl='xla'))
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
+    scale = float(jnp.max(jnp.abs(b)))  # about 1e-5 at this initialisation
+    assert scale > 0
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale)

@@ -28,13 +28,15 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
   state = train.create_train_state(jax.random.PRNGKey(0), config)
   batch = fixed_batch()
   step = jax.jit(train.train_step)
-  losses = []
+  losses, cache_sizes = [], []
   for _ in range(12):
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
+    # Other tests' jits of train_step share this cache: only its growth counts.
+    cache_sizes.append(step._cache_size())
   assert losses[-1] < 0.6 * losses[0], losses
   assert int(state.step) == 12
-  assert step._cache_size() == 1  # the first state has the same types as the later ones
+  assert cache_sizes[-1] == cache_sizes[0]  # the first state has the same types as the later ones
   np.testing.assert_allclose(metrics['loss'], metrics['margin_loss'] +
                              0.0005 * metrics['reconstruction_loss'], rtol=1e-5)
 
@@ -56,7 +58,7 @@ def test_eval_step_padding_counts_nowhere():
   plain, masked = train.eval_step(state, batch), jax.jit(train.eval_step)(state, padded)
   assert float(masked['count']) == 10
   np.testing.assert_allclose(masked['loss'], plain['loss'], rtol=1e-5)
-  assert float(masked['correct']) == float(plain['correct'])
+  assert float(masked['accuracy']) == float(plain['accuracy'])
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -1,0 +1,130 @@
+"""What capsules encode: perturbed class capsules (the paper's Figure 4) and routing maps."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capsjax.layers import Decoder, PrimaryCapsules
+from capsjax.ops import safe_norm
+
+# Built from integers so each value is the float32 nearest to k * 0.05, and the set
+# is exactly symmetric about the unperturbed 0.
+PERTURBATIONS = (np.arange(-5, 6) / 20).astype(np.float32)
+
+
+def perturbed_capsules(capsules, class_index, values=PERTURBATIONS):
+  """The decoder's input when one dimension of one class capsule is tweaked.
+
+  The result already carries the decoder's masking: every class capsule other than
+  `class_index` is zero. It can therefore be decoded with the one-hot mask of
+  `class_index` (what `decode_perturbations` passes, so the decoder sees exactly
+  what it saw in training, where the mask is one-hot) or with an all-ones mask;
+  the decoder multiplies capsules by the mask, so both give the same images.
+
+  Args:
+    capsules: float [num_classes, dim], one example's class capsules.
+    class_index: int (may be traced), the capsule to perturb, usually the
+      predicted class.
+    values: float [num_values], offsets added to one dimension at a time.
+
+  Returns:
+    [dim, num_values, num_classes, dim] in capsules.dtype: entry [d, v] is the
+    masked capsule matrix with values[v] added to dimension d of capsule
+    `class_index`.
+  """
+  num_classes, dim = capsules.shape
+  keep = jax.nn.one_hot(class_index, num_classes, dtype=capsules.dtype)
+  masked = capsules * keep[:, None]
+  values = jnp.asarray(values, capsules.dtype)
+  # offsets[d, v, k, e] = values[v] where k == class_index and e == d, else 0.
+  offsets = (values[None, :, None, None] * keep[None, None, :, None]
+             * jnp.eye(dim, dtype=capsules.dtype)[:, None, None, :])
+  return masked[None, None] + offsets
+
+
+def decode_perturbations(decoder_apply, capsules, class_index, values=PERTURBATIONS):
+  """Decode every single-dimension perturbation of one class capsule (Figure 4).
+
+  Jit- and vmap-compatible when `decoder_apply` is, e.g. over a batch of
+  examples with `jax.vmap(functools.partial(decode_perturbations, apply))`.
+
+  Args:
+    decoder_apply: callable(capsules float [N, num_classes, dim], mask float32
+      [N, num_classes]) -> images [N, H, W, C], e.g. a bound `Decoder.apply`.
+    capsules: float [num_classes, dim], one example's class capsules.
+    class_index: int (may be traced), the capsule to perturb.
+    values: float [num_values], the offsets.
+
+  Returns:
+    images [dim, num_values, H, W, C]: row d shows dimension d swept over values.
+  """
+  perturbed = perturbed_capsules(capsules, class_index, values)
+  dim, num_values, num_classes, _ = perturbed.shape
+  count = dim * num_values
+  mask = jnp.broadcast_to(jax.nn.one_hot(class_index, num_classes), (count, num_classes))
+  images = decoder_apply(perturbed.reshape(count, num_classes, dim), mask)
+  return images.reshape(dim, num_values, *images.shape[1:])
+
+
+def coupling_maps(couplings, primary_lengths, grid_shape):
+  """Where each class draws its evidence from: routed primary-capsule length per position.
+
+  At each position of the PrimaryCaps grid, sums c_ij * |u_i| over the capsule
+  types there: how much of the position's active evidence is routed to class j.
+  Weighting by |u_i| matters because inactive primary capsules (short vectors,
+  e.g. over the blank background) still get couplings that sum to 1 and would
+  otherwise paint the background as much as the strokes.
+
+  The maps are left unnormalised, in units of capsule length, so they are
+  comparable across classes and their sum over classes is the total primary
+  length at each position. A picture should use one colour scale shared by all
+  classes of an example (as `capsjax.visualize.coupling_figure` does):
+  normalising each class separately would brighten the near-empty maps of the
+  losing classes to match the winner's, and dividing by the per-position total
+  would turn positions with almost no evidence into confident-looking fractions.
+
+  Args:
+    couplings: float [num_primary, num_classes], c_ij of the last routing
+      iteration for one example.
+    primary_lengths: float [num_primary], |u_i| of the primary capsules.
+    grid_shape: static (height, width, types) with height * width * types ==
+      num_primary, in PrimaryCapsules' order: index (y * width + x) * types + type.
+
+  Returns:
+    float [num_classes, height, width].
+  """
+  height, width, types = grid_shape
+  routed = couplings * primary_lengths[:, None]
+  return routed.reshape(height, width, types, -1).sum(axis=2).transpose(2, 0, 1)
+
+
+def analyse(model, params, images):
+  """Figure 4 and the coupling maps for a batch: what a trained CapsNet's capsules encode.
+
+  Args:
+    model: a `CapsNet` with a decoder.
+    params: its parameters.
+    images: float32 [N, H, W, C] in [0, 1].
+
+  Returns:
+    dict: 'predictions' int32 [N], the longest class capsule; 'perturbed' float32
+    [N, digit_dim, len(PERTURBATIONS), H, W, C], `decode_perturbations` of the
+    predicted capsule; 'couplings' [N, num_classes, h, w], `coupling_maps` of the
+    last routing iteration.
+  """
+  out, variables = model.apply(
+      {'params': params}, images, mutable=['intermediates'],
+      capture_intermediates=lambda module, _: isinstance(module, PrimaryCapsules))
+  intermediates = variables['intermediates']
+  couplings = intermediates['digit_caps']['couplings'][0]
+  primary = intermediates['primary_caps']['__call__'][0]  # [N, h * w * types, dim]
+  predictions = jnp.argmax(out.lengths, axis=-1)
+  decoder = Decoder(images.shape[1:], model.decoder_hidden, model.dtype)
+  decode = lambda capsules, mask: decoder.apply({'params': params['decoder']}, capsules, mask)
+  perturbed = jax.vmap(functools.partial(decode_perturbations, decode))(out.capsules, predictions)
+  grid = model.primary_grid(images.shape[1:])
+  maps = jax.vmap(lambda c, u: coupling_maps(c, u, grid))(couplings, safe_norm(primary))
+  return {'predictions': predictions, 'perturbed': perturbed.astype(jnp.float32),
+          'couplings': maps}

@@ -1,0 +1,100 @@
+"""What every experiment shares: the recipe's flags, the data flags, and `main`'s error handling.
+
+Each TrainConfig field is a flag of the same name, so a config and a command
+line say the same thing.
+"""
+
+import dataclasses
+import sys
+
+from absl import app, flags, logging
+
+from capsjax import data, runtime, train
+from capsjax.errors import InputError
+
+DEFAULTS = train.TrainConfig()
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('model', DEFAULTS.model, train.MODELS,
+                  "capsnet (the paper's CapsNet) or baseline (the paper's CNN).")
+flags.DEFINE_integer('routing_iters', DEFAULTS.routing_iters, 'Routing iterations.', lower_bound=1)
+flags.DEFINE_integer('epochs', DEFAULTS.epochs, 'Training epochs.', lower_bound=0)
+flags.DEFINE_integer('batch_size', DEFAULTS.batch_size,
+                     'Global batch size, split evenly over the devices.', lower_bound=1)
+flags.DEFINE_float('learning_rate', DEFAULTS.learning_rate, 'Adam learning rate.', lower_bound=0)
+flags.DEFINE_float('lr_decay', DEFAULTS.lr_decay,
+                   'Learning rate factor per --lr_decay_steps steps (exponential decay).',
+                   lower_bound=0, upper_bound=1)
+flags.DEFINE_integer('lr_decay_steps', DEFAULTS.lr_decay_steps, 'Steps per --lr_decay.',
+                     lower_bound=1)
+flags.DEFINE_float('recon_weight', DEFAULTS.recon_weight,
+                   'Weight of the reconstruction loss; 0 drops the decoder.', lower_bound=0)
+flags.DEFINE_integer('shift_pixels', DEFAULTS.shift_pixels,
+                     'Random shifts of up to this many pixels (0: none).', lower_bound=0)
+flags.DEFINE_integer('seed', DEFAULTS.seed, 'Seed for the initialisation, order and shifts.')
+flags.DEFINE_enum('dtype', DEFAULTS.dtype, sorted(train.DTYPES),
+                  'Compute dtype (bfloat16: mixed precision, float32 parameters and loss).')
+flags.DEFINE_enum('conv_impl', DEFAULTS.conv_impl, ['matmul', 'xla'],
+                  'Convolution: matmul (im2col matrix products) or xla (lax.conv).')
+flags.DEFINE_integer('conv_features', DEFAULTS.conv_features, 'Conv1 channels.', lower_bound=1)
+flags.DEFINE_integer('primary_types', DEFAULTS.primary_types, 'Primary capsule maps.',
+                     lower_bound=1)
+flags.DEFINE_integer('primary_dim', DEFAULTS.primary_dim, 'Primary capsule dimension.',
+                     lower_bound=1)
+flags.DEFINE_integer('digit_dim', DEFAULTS.digit_dim, 'Class capsule dimension.', lower_bound=1)
+flags.DEFINE_float('dropout_rate', DEFAULTS.dropout_rate, "Baseline CNN's dropout rate.",
+                   lower_bound=0, upper_bound=1)
+
+flags.DEFINE_integer('train_examples', 0, 'Train on the first N examples (0: all).', lower_bound=0)
+flags.DEFINE_integer('test_examples', 0, 'Evaluate on the first N examples (0: all).',
+                     lower_bound=0)
+flags.DEFINE_string('data_dir', None,
+                    f'Folder of the four IDX files (default: ${data.DATA_DIR_ENV}, else tfds, '
+                    'else a checksummed download).')
+flags.DEFINE_enum('dataset', 'mnist', sorted(data.DATASETS), 'Dataset.')
+flags.DEFINE_float('progress_seconds', 20.0, 'Seconds between progress lines within an epoch.')
+
+
+def say(message):
+  print(message, flush=True)
+
+
+def config_from_flags(dataset, **overrides):
+  """The `train.TrainConfig` the flags give for `dataset`, with `overrides` applied.
+
+  Args:
+    dataset: a `capsjax.data.Dataset` (its image shape and class count are used).
+    **overrides: TrainConfig fields to set regardless of the flags.
+
+  Returns:
+    A `train.TrainConfig`.
+  """
+  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(train.TrainConfig)
+            if f.name in FLAGS}
+  values.update(image_shape=dataset.train_images.shape[1:], num_classes=dataset.num_classes,
+                **overrides)
+  return train.TrainConfig(**values)
+
+
+def load_data():
+  """The dataset --dataset and --data_dir name (see `capsjax.data.load_dataset`)."""
+  return data.load_dataset(FLAGS.dataset, FLAGS.data_dir, log=say)
+
+
+def run_main(body):
+  """absl main for an experiment: restart onto huge pages, run `body()`, report input errors.
+
+  An `InputError` (bad flags, data, workdir; divergence) ends the process with
+  one line on stderr and exit status 1; anything else keeps its traceback.
+  """
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    logging.set_verbosity(logging.WARNING)
+    runtime.restart_with_huge_pages()
+    try:
+      body()
+    except InputError as e:
+      sys.exit(f'error: {e}')
+
+  app.run(main)

@@ -1,0 +1,62 @@
+"""What each dimension of a class capsule encodes (the paper's Figure 4), and where routing sends evidence.
+
+    python -m experiments.dimensions --workdir=runs/mnist --data_dir=../shared/data/mnist
+
+Loads the latest checkpoint of a trained CapsNet run and, for the first
+--digits test digits, adds -0.25, -0.20, ..., +0.25 to each of the 16
+dimensions of the predicted class capsule in turn and decodes every perturbed
+capsule: --workdir/dimensions.png, a block per digit with a row per dimension
+and a column per value. --workdir/couplings.png shows, for the same digits, how
+much of each primary-capsule position's evidence the last routing iteration
+couples to each class. The run's settings come from its run.json; only the data
+flags are needed to find its test set.
+"""
+
+import functools
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capsjax import interpret, loop, visualize
+from capsjax.errors import InputError
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Folder of a trained CapsNet run (with a decoder).')
+flags.DEFINE_integer('digits', 6, 'Test digits to draw, the first N of the test set.',
+                     lower_bound=1)
+flags.mark_flag_as_required('workdir')
+
+
+def main():
+  config, state, identity = loop.load_run(FLAGS.workdir)
+  if config.model != 'capsnet' or config.recon_weight <= 0:
+    raise InputError(f'{FLAGS.workdir} holds a {config.model} run without a decoder '
+                     f'(recon_weight {config.recon_weight}); the dimension sheet decodes '
+                     f'capsules, so train a CapsNet with --recon_weight > 0.')
+  dataset = common.load_data()
+  labels = dataset.test_labels[:FLAGS.digits]
+  images = jnp.asarray(dataset.test_images[:FLAGS.digits], jnp.float32) / 255.0
+  model = config.build_model()
+  result = jax.device_get(jax.jit(functools.partial(interpret.analyse, model))(state.params, images))
+  predictions = result['predictions']
+  captions = [f'test digit {n}: label {label}, predicted {prediction}'
+              for n, (label, prediction) in enumerate(zip(labels, predictions))]
+  where = f'{FLAGS.workdir}, epoch {identity["epoch"]}'
+  sheet = os.path.join(FLAGS.workdir, 'dimensions.png')
+  visualize.dimension_sheet(result['perturbed'], sheet, captions=captions,
+                            title=f'Each row: one dimension of the predicted capsule, '
+                                  f'offset -0.25 .. +0.25 ({where})')
+  figure = os.path.join(FLAGS.workdir, 'couplings.png')
+  visualize.coupling_figure(np.asarray(images), result['couplings'], labels, predictions, figure,
+                            title=f'Coupling x primary capsule length routed to each class '
+                                  f'({where})')
+  common.say(f'Wrote {sheet} and {figure} for {FLAGS.digits} test digits '
+             f'({int(np.sum(predictions == labels))} predicted right).')
+
+
+if __name__ == '__main__':
+  common.run_main(main)

@@ -1,0 +1,143 @@
+"""The paper's Table 1: baseline CNN against CapsNet with 1 and 3 routing iterations,
+each with and without the reconstruction loss, over several seeds.
+
+    python -m experiments.table1 --data_dir=../shared/data/mnist --seeds=3
+
+Every row and seed is an ordinary `experiments.mnist` run in its own folder,
+--workdir/ROW/seedS, so an interrupted table resumes where it stopped and a
+finished run is read back, not trained again. Writes --workdir/table1.md and
+table1.json: the last epoch's test error per row (mean +- std over seeds) beside
+the paper's, parameter counts, epochs, wall time and device. Every other flag
+(--epochs, --train_examples, --batch_size, the data flags, ...) applies to
+every row.
+"""
+
+import dataclasses
+import datetime
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capsjax import loop
+from capsjax.model import parameter_counts
+from experiments import common, mnist
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('seeds', 3, 'Runs per row, with seeds 0..N-1.', lower_bound=1)
+FLAGS.set_default('workdir', 'runs/table1')
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One row of Table 1: the settings it overrides and the paper's figure (MNIST test error %)."""
+  name: str
+  settings: dict
+  paper_error: float
+  paper_std: float = None
+
+
+ROWS = (
+    Row('baseline', {'model': 'baseline'}, 0.39),
+    Row('capsnet_r1', {'model': 'capsnet', 'routing_iters': 1, 'recon_weight': 0.0}, 0.34, 0.032),
+    Row('capsnet_r1_recon', {'model': 'capsnet', 'routing_iters': 1, 'recon_weight': 0.0005},
+        0.29, 0.011),
+    Row('capsnet_r3', {'model': 'capsnet', 'routing_iters': 3, 'recon_weight': 0.0}, 0.35, 0.036),
+    Row('capsnet_r3_recon', {'model': 'capsnet', 'routing_iters': 3, 'recon_weight': 0.0005},
+        0.25, 0.005),
+)
+
+
+def describe(row):
+  """(model, routing, reconstruction) as the paper's table names them."""
+  if row.settings['model'] == 'baseline':
+    return 'baseline CNN', '-', '-'
+  return ('CapsNet', str(row.settings['routing_iters']),
+          'yes' if row.settings['recon_weight'] > 0 else 'no')
+
+
+def count_parameters(config):
+  """Parameters of the model `config` builds, from shapes alone (nothing is allocated)."""
+  model = config.build_model()
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, *config.image_shape), jnp.float32))
+  return parameter_counts(shapes['params'])['total']
+
+
+def finished_record(workdir, epochs):
+  """The last metrics record of a run that has trained all `epochs`, else None."""
+  records = loop.read_metrics(os.path.join(workdir, loop.METRICS_FILE), log=common.say)
+  return records[-1] if records and records[-1]['epoch'] >= epochs else None
+
+
+def run_row(row, dataset):
+  """Train (or read back) every seed of a row; returns its summary dict."""
+  runs = []
+  for seed in range(FLAGS.seeds):
+    config = common.config_from_flags(dataset, seed=seed, **row.settings)
+    workdir = os.path.join(FLAGS.workdir, row.name, f'seed{seed}')
+    record = finished_record(workdir, config.epochs)
+    if record:
+      common.say(f'{row.name} seed {seed}: finished before, test error '
+                 f'{100 * record["test_error"]:.2f}% ({workdir}).')
+    else:
+      common.say(f'== {row.name} seed {seed} ({workdir})')
+      mnist.train_mnist(config, dataset, workdir)
+      record = finished_record(workdir, config.epochs)
+    seconds = sum(r['epoch_seconds']
+                  for r in loop.read_metrics(os.path.join(workdir, loop.METRICS_FILE)))
+    runs.append({'seed': seed, 'test_error': record['test_error'], 'seconds': seconds})
+  errors = 100 * np.array([r['test_error'] for r in runs])
+  model, routing, reconstruction = describe(row)
+  return {'row': row.name, 'model': model, 'routing': routing, 'reconstruction': reconstruction,
+          'parameters': count_parameters(config), 'epochs': config.epochs,
+          'test_error_percent_mean': float(errors.mean()),
+          'test_error_percent_std': float(errors.std(ddof=1)) if len(errors) > 1 else None,
+          'paper_error_percent': row.paper_error, 'paper_std': row.paper_std,
+          'wall_seconds': sum(r['seconds'] for r in runs), 'runs': runs}
+
+
+def markdown(rows, header):
+  """Table 1 as Markdown: our error beside the paper's, per row."""
+  fmt = lambda mean, std: f'{mean:.2f}' + (f' +- {std:.3f}' if std is not None else '')
+  lines = [header, '',
+           '| model | routing | reconstruction | parameters | test error % (ours) | '
+           'paper | epochs | wall time |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- |']
+  for r in rows:
+    lines.append(
+        f'| {r["model"]} | {r["routing"]} | {r["reconstruction"]} | {r["parameters"]:,} | '
+        f'{fmt(r["test_error_percent_mean"], r["test_error_percent_std"])} | '
+        f'{fmt(r["paper_error_percent"], r["paper_std"])} | {r["epochs"]} | '
+        f'{r["wall_seconds"] / 60:.1f} min |')
+  return '\n'.join(lines) + '\n'
+
+
+def main():
+  dataset = common.load_data()
+  rows = [run_row(row, dataset) for row in ROWS]
+  device = jax.devices()[0]
+  train_examples = FLAGS.train_examples or len(dataset.train_images)
+  test_examples = FLAGS.test_examples or len(dataset.test_images)
+  settings = {'dataset': FLAGS.dataset, 'seeds': FLAGS.seeds, 'epochs': FLAGS.epochs,
+              'train_examples': train_examples, 'test_examples': test_examples,
+              'batch_size': FLAGS.batch_size,
+              'device': f'{jax.device_count()} x {device.platform} ({device.device_kind})',
+              'date': datetime.date.today().isoformat()}
+  header = (f'Table 1 on {settings["dataset"]}: test error of the last epoch, '
+            f'{settings["seeds"]} seed(s), {settings["epochs"]} epoch(s), '
+            f'{train_examples:,} training and {test_examples:,} test images, batch '
+            f'{settings["batch_size"]}; {settings["device"]}, {settings["date"]}. '
+            f'Paper: 3 trials of full training.')
+  table = markdown(rows, header)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  with open(os.path.join(FLAGS.workdir, 'table1.md'), 'w') as f:
+    f.write(table)
+  loop.write_json(os.path.join(FLAGS.workdir, 'table1.json'), {**settings, 'rows': rows})
+  common.say(table)
+
+
+if __name__ == '__main__':
+  common.run_main(main)
