@@ -111,8 +111,10 @@ def analyse(model, params, images):
   Returns:
     dict: 'predictions' int32 [N], the longest class capsule; 'perturbed' float32
     [N, digit_dim, len(PERTURBATIONS), H, W, C], `decode_perturbations` of the
-    predicted capsule; 'couplings' [N, num_classes, h, w], `coupling_maps` of the
-    last routing iteration.
+    predicted capsule; 'couplings' [N, num_classes, h, w], each PrimaryCaps
+    position's share of its `coupling_maps` evidence that the last routing
+    iteration sends to each class (summing to 1 over classes; 1 / num_classes
+    where routing has not chosen).
   """
   out, variables = model.apply(
       {'params': params}, images, mutable=['intermediates'],
@@ -126,5 +128,8 @@ def analyse(model, params, images):
   perturbed = jax.vmap(functools.partial(decode_perturbations, decode))(out.capsules, predictions)
   grid = model.primary_grid(images.shape[1:])
   maps = jax.vmap(lambda c, u: coupling_maps(c, u, grid))(couplings, safe_norm(primary))
+  # Every primary capsule is long after training, so the raw maps differ little
+  # between classes; the share per position shows where routing made its choice.
+  maps = maps / jnp.sum(maps, axis=1, keepdims=True)
   return {'predictions': predictions, 'perturbed': perturbed.astype(jnp.float32),
           'couplings': maps}

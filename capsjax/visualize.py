@@ -149,8 +149,9 @@ def coupling_figure(image, maps, label, prediction, path, title=None, scale=3):
   the class maps from `capsjax.interpret.coupling_maps` magnified to the digit's
   size, captioned with the class index; the predicted class is framed and
   captioned in blue. Colours run black -> red -> yellow -> white on one scale
-  per row, shared by all its classes so they compare, from 0 to the row's
-  largest value, shown on the colour bar at the right. A map cell is a PrimaryCaps
+  per row, shared by all its classes so they compare, from the row's smallest
+  to its largest value, both shown on the colour bar at the right (routing's
+  couplings stay near uniform, and a scale from 0 would hide their differences). A map cell is a PrimaryCaps
   position, whose receptive field is much larger than the cell it is drawn as,
   so the maps are a coarse guide to where evidence comes from, not pixel-aligned.
 
@@ -186,8 +187,8 @@ def coupling_figure(image, maps, label, prediction, path, title=None, scale=3):
     right = labels[n] == predictions[n]
     draw.text((0, y + tile_h + 3), f'label {labels[n]}  pred {predictions[n]}',
               fill='black' if right else 'red', font=font)
-    peak = float(maps[n].max())
-    heat = _heat_colours(maps[n] / max(peak, np.finfo(np.float32).tiny))
+    low, peak = float(maps[n].min()), float(maps[n].max())
+    heat = _heat_colours((maps[n] - low) / max(peak - low, np.finfo(np.float32).tiny))
     for j in range(num_classes):
       x = maps_x + j * cell_w + 3
       canvas.paste(_tile(heat[j], size), (x, y))
@@ -201,5 +202,5 @@ def coupling_figure(image, maps, label, prediction, path, title=None, scale=3):
                 fill=_HIGHLIGHT if chosen else 'black', font=font, anchor='mm')
     canvas.paste(bar, (bar_x, y))
     draw.text((bar_x + 14, y), f'{peak:.3g}', fill='black', font=font, anchor='lt')
-    draw.text((bar_x + 14, y + tile_h), '0', fill='black', font=font, anchor='lb')
+    draw.text((bar_x + 14, y + tile_h), f'{low:.3g}', fill='black', font=font, anchor='lb')
   _save(canvas, path)

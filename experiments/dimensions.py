@@ -6,8 +6,8 @@ Loads the latest checkpoint of a trained CapsNet run and, for the first
 --digits test digits, adds -0.25, -0.20, ..., +0.25 to each of the 16
 dimensions of the predicted class capsule in turn and decodes every perturbed
 capsule: --workdir/dimensions.png, a block per digit with a row per dimension
-and a column per value. --workdir/couplings.png shows, for the same digits, how
-much of each primary-capsule position's evidence the last routing iteration
+and a column per value. --workdir/couplings.png shows, for the same digits, which
+share of each primary-capsule position's evidence the last routing iteration
 couples to each class. The run's settings come from its run.json; only the data
 flags are needed to find its test set.
 """
@@ -52,8 +52,8 @@ def main():
                                   f'offset -0.25 .. +0.25 ({where})')
   figure = os.path.join(FLAGS.workdir, 'couplings.png')
   visualize.coupling_figure(np.asarray(images), result['couplings'], labels, predictions, figure,
-                            title=f'Coupling x primary capsule length routed to each class '
-                                  f'({where})')
+                            title=f'Share of each PrimaryCaps position\'s evidence (coupling x '
+                                  f'capsule length) routed to each class ({where})')
   common.say(f'Wrote {sheet} and {figure} for {FLAGS.digits} test digits '
              f'({int(np.sum(predictions == labels))} predicted right).')
 

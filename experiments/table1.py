@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capsjax import loop
+from capsjax.errors import InputError
 from capsjax.model import parameter_counts
 from experiments import common, mnist
 
@@ -116,6 +117,10 @@ def markdown(rows, header):
 
 
 def main():
+  if FLAGS.eval_only:
+    raise InputError('--eval_only is not a table1 flag: rerunning the command reads finished '
+                     'runs back; evaluate one run with python -m experiments.mnist --eval_only '
+                     '--workdir=WORKDIR/ROW/seedS.')
   dataset = common.load_data()
   rows = [run_row(row, dataset) for row in ROWS]
   device = jax.devices()[0]

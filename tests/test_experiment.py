@@ -13,8 +13,10 @@ from PIL import Image
 
 from tests.conftest import REPO, write_dataset
 
+# lax.conv compiles in a fraction of the matmul convolution's time; the smoke run keeps the
+# default, and tests/test_model.py shows the two convolutions agree.
 SMALL_FLAGS = ['--conv_features=16', '--primary_types=4', '--primary_dim=4', '--digit_dim=8',
-               '--batch_size=16', '--progress_seconds=1000']
+               '--batch_size=16', '--progress_seconds=1000', '--conv_impl=xla']
 
 
 def command(*flags):

@@ -11,7 +11,8 @@ from capsjax import train
 from capsjax.checkpoint import Checkpointer
 from tests.conftest import REPO
 
-SMALL = dict(conv_features=16, primary_types=4, primary_dim=4, digit_dim=8)
+# lax.conv compiles faster than the default; tests/test_model.py shows the two agree.
+SMALL = dict(conv_features=16, primary_types=4, primary_dim=4, digit_dim=8, conv_impl='xla')
 
 
 def fixed_batch(size=16, seed=0):
