@@ -2,7 +2,9 @@
 
 from capsjax.baseline import BaselineCNN
 from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutedCapsules, decoder_mask
-from capsjax.losses import capsnet_loss, margin_loss, reconstruction_loss
+from capsjax.errors import InputError
+from capsjax.losses import (capsnet_loss, capsnet_loss_terms, cross_entropy_loss, margin_loss,
+                            reconstruction_loss)
 from capsjax.model import CapsNet, CapsNetOutput, init_params, parameter_counts
 from capsjax.ops import safe_norm, squash
 from capsjax.routing import batched_dynamic_routing, dynamic_routing
@@ -10,8 +12,9 @@ from capsjax.routing import batched_dynamic_routing, dynamic_routing
 __version__ = '0.1.0'
 
 __all__ = [
-    'BaselineCNN', 'CapsNet', 'CapsNetOutput', 'Conv2D', 'Decoder', 'PrimaryCapsules',
-    'RoutedCapsules', 'batched_dynamic_routing', 'capsnet_loss', 'decoder_mask',
+    'BaselineCNN', 'CapsNet', 'CapsNetOutput', 'Conv2D', 'Decoder', 'InputError',
+    'PrimaryCapsules', 'RoutedCapsules', 'batched_dynamic_routing', 'capsnet_loss',
+    'capsnet_loss_terms', 'cross_entropy_loss', 'decoder_mask',
     'dynamic_routing', 'init_params', 'margin_loss', 'parameter_counts',
     'reconstruction_loss', 'safe_norm', 'squash',
 ]

@@ -45,3 +45,14 @@ def test_total_loss_weights_reconstruction_by_0_0005():
   np.testing.assert_allclose(capsjax.capsnet_loss(lengths, targets),
                              reference.margin_loss(np.asarray(lengths), np.asarray(targets)),
                              rtol=1e-5)
+
+
+def test_cross_entropy_matches_float64_log_softmax():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(scale=3.0, size=(6, 10))
+  labels = rng.integers(0, 10, size=6)
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  expected = np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(6), labels]
+  got = capsjax.cross_entropy_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
