@@ -8,8 +8,8 @@ dimensions of the predicted class capsule in turn and decodes every perturbed
 capsule: --workdir/dimensions.png, a block per digit with a row per dimension
 and a column per value. --workdir/couplings.png shows, for the same digits, which
 share of each primary-capsule position's evidence the last routing iteration
-couples to each class. The run's settings come from its run.json; only the data
-flags are needed to find its test set.
+couples to each class. The run's settings and dataset come from its run.json;
+--data_dir (or $CAPSJAX_DATA_DIR) says where that dataset's files are.
 """
 
 import functools
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import interpret, loop, visualize
+from capsjax import data, interpret, loop, visualize
 from capsjax.errors import InputError
 from experiments import common
 
@@ -37,7 +37,7 @@ def main():
     raise InputError(f'{FLAGS.workdir} holds a {config.model} run without a decoder '
                      f'(recon_weight {config.recon_weight}); the dimension sheet decodes '
                      f'capsules, so train a CapsNet with --recon_weight > 0.')
-  dataset = common.load_data()
+  dataset = data.load_dataset(identity['dataset'], FLAGS.data_dir, log=common.say)
   labels = dataset.test_labels[:FLAGS.digits]
   images = jnp.asarray(dataset.test_images[:FLAGS.digits], jnp.float32) / 255.0
   model = config.build_model()
