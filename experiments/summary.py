@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 
 import capsjax
+from capsjax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('model', 'capsnet', ['capsnet', 'baseline'],
+flags.DEFINE_enum('model', 'capsnet', train.MODELS,
                   "capsnet: the paper's CapsNet; baseline: its baseline CNN.")
 flags.DEFINE_integer('image_size', 28, 'Height and width of the input images.')
 flags.DEFINE_integer('channels', 1, 'Input channels.')
@@ -38,21 +39,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   image_shape = (FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
-  if FLAGS.model == 'baseline':
-    model = capsjax.BaselineCNN(num_classes=FLAGS.num_classes)
-    params = capsjax.init_params(model, jax.random.PRNGKey(0), image_shape)
-    print(f'Baseline CNN for {image_shape} images')
-    print_layers(params)
-    return
-  model = capsjax.CapsNet(num_classes=FLAGS.num_classes, routing_iters=FLAGS.routing_iters,
-                          use_decoder=FLAGS.use_decoder)
+  config = train.TrainConfig(
+      model=FLAGS.model, num_classes=FLAGS.num_classes, routing_iters=FLAGS.routing_iters,
+      recon_weight=train.TrainConfig.recon_weight if FLAGS.use_decoder else 0.0,
+      image_shape=image_shape)
+  model = config.build_model()
   params = capsjax.init_params(model, jax.random.PRNGKey(0), image_shape)
-  out = jax.eval_shape(model.apply, {'params': params}, jnp.zeros((1, *image_shape)))
-  print(f'CapsNet for {image_shape} images, {FLAGS.routing_iters} routing iterations')
-  print(f'  primary capsules: {params["digit_caps"]["weights"].shape[0]} of '
-        f'{model.primary_dim}D; class capsules: {out.capsules.shape[1:]}')
+  if config.model == 'baseline':
+    print(f'Baseline CNN for {image_shape} images')
+  else:
+    out = jax.eval_shape(model.apply, {'params': params}, jnp.zeros((1, *image_shape)))
+    print(f'CapsNet for {image_shape} images, {FLAGS.routing_iters} routing iterations')
+    print(f'  primary capsules: {params["digit_caps"]["weights"].shape[0]} of '
+          f'{model.primary_dim}D; class capsules: {out.capsules.shape[1:]}')
   print_layers(params)
-
 
 if __name__ == '__main__':
   app.run(main)
