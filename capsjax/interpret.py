@@ -77,13 +77,15 @@ def coupling_maps(couplings, primary_lengths, grid_shape):
   e.g. over the blank background) still get couplings that sum to 1 and would
   otherwise paint the background as much as the strokes.
 
-  The maps are left unnormalised, in units of capsule length, so they are
-  comparable across classes and their sum over classes is the total primary
-  length at each position. A picture should use one colour scale shared by all
-  classes of an example (as `capsjax.visualize.coupling_figure` does):
-  normalising each class separately would brighten the near-empty maps of the
-  losing classes to match the winner's, and dividing by the per-position total
-  would turn positions with almost no evidence into confident-looking fractions.
+  The maps are in units of capsule length, so they are comparable across classes
+  and their sum over classes is the total primary length at each position. A
+  picture should use one colour scale shared by all classes of an example (as
+  `capsjax.visualize.coupling_figure` does): normalising each class separately
+  would brighten the losing classes' maps to match the winner's. `analyse`
+  divides by the per-position total instead, giving each position's share per
+  class: after training nearly every primary capsule is long, so the raw maps
+  differ little between classes, and positions with almost no evidence, which a
+  share would overstate, are rare.
 
   Args:
     couplings: float [num_primary, num_classes], c_ij of the last routing

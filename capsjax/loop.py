@@ -229,8 +229,8 @@ class EpochRunner:
       epoch: its number, for the progress lines.
       replicated: the replicated `train.TrainState`.
       order: int [N], the example indices in this epoch's order.
-      check: callable(step_metrics) raising if training diverged; called at
-        each progress line (reading the losses waits for the device anyway).
+      check: callable(step_metrics on the host) raising if training diverged;
+        called at each progress line, which reads the metrics anyway.
 
     Returns:
       (replicated state, list of per-step metric dicts on the host, images/s).
@@ -251,8 +251,9 @@ class EpochRunner:
       else:
         timed_images += self._batch_size
       if time.perf_counter() - last_report > self._progress_seconds and step + 1 < steps:
-        check(step_metrics)
-        loss = np.mean(jax.device_get([m['loss'] for m in step_metrics]))
+        fetched = jax.device_get(step_metrics)  # waits for the device
+        check(fetched)
+        loss = np.mean([m['loss'] for m in fetched])
         rate = timed_images / max(time.perf_counter() - started, 1e-9)
         self._log(f'  epoch {epoch} step {step + 1}/{steps}  loss {loss:.4f}  {rate:.1f} images/s')
         last_report = time.perf_counter()
