@@ -23,7 +23,8 @@ class BaselineCNN(nn.Module):
     kernel_size: their square kernel side.
     hidden: widths of the hidden fully connected layers.
     dropout_rate: dropped fraction of the last hidden layer's units in training.
-    conv_impl: 'matmul' (fast on CPU) or 'xla', see `capsjax.conv.conv2d`.
+    conv_impl: 'auto' (by platform), 'matmul' (fast on CPU) or 'xla', see
+      `capsjax.conv.conv2d`.
     dtype: compute dtype; parameters stay float32 and logits are returned in
       float32.
   """
@@ -32,7 +33,7 @@ class BaselineCNN(nn.Module):
   kernel_size: int = 5
   hidden: Sequence[int] = (328, 192)
   dropout_rate: float = 0.5
-  conv_impl: str = 'matmul'
+  conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact

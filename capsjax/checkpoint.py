@@ -11,12 +11,18 @@ import orbax.checkpoint as ocp
 
 
 def _items(state):
-  return {'params': state.params, 'opt_state': state.opt_state, 'step': state.step,
-          'rng': state.rng}
+  # On the host: orbax writes NumPy arrays once, from the primary process, whereas
+  # every process of a multi-host run holds its own single-device copy of the state.
+  return jax.device_get({'params': state.params, 'opt_state': state.opt_state,
+                         'step': state.step, 'rng': state.rng})
 
 
 class Checkpointer:
-  """Saves and restores the parameters, optimizer state, step and key, by epoch."""
+  """Saves and restores the parameters, optimizer state, step and key, by epoch.
+
+  In a run of several processes every process calls each method: the primary
+  one writes, all of them read.
+  """
 
   def __init__(self, directory, max_to_keep=2):
     """directory: folder for the checkpoints (created); max_to_keep: newest kept."""

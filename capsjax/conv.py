@@ -24,7 +24,27 @@ from jax.interpreters import ad, batching, mlir
 # keeps the patch tensor 9x smaller than full im2col at the same speed.
 MIN_CONTRACTION = 512
 
-CONV_IMPLS = ('matmul', 'xla')
+CONV_IMPLS = ('auto', 'matmul', 'xla')
+
+
+def resolve_impl(impl):
+  """The convolution implementation `impl` stands for on JAX's default platform.
+
+  'auto' is the im2col form on the CPU, where it measured faster than XLA's
+  convolution (BENCHMARKS.md), and `lax.conv` elsewhere, where the vendor
+  library (cuDNN, the TPU's convolution units) is expected to win.
+
+  Args:
+    impl: one of CONV_IMPLS.
+
+  Returns:
+    'matmul' or 'xla'.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'conv impl must be one of {CONV_IMPLS}, got {impl!r}.')
+  if impl == 'auto':
+    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
 
 
 def output_size(size, kernel, stride):
@@ -159,21 +179,19 @@ def conv2d_xla(x, kernel, stride):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def conv2d(x, kernel, stride, impl='matmul'):
+def conv2d(x, kernel, stride, impl='auto'):
   """VALID 2-D convolution, NHWC input and HWIO kernel.
 
   Args:
     x: [batch, height, width, in_channels] float array.
     kernel: [kernel_h, kernel_w, in_channels, out_channels], x's dtype.
     stride: int.
-    impl: 'matmul' (grouped im2col matrix products, fastest on CPU) or 'xla'
-      (`lax.conv_general_dilated`).
+    impl: 'matmul' (grouped im2col matrix products, fastest on CPU), 'xla'
+      (`lax.conv_general_dilated`) or 'auto' (by platform, see `resolve_impl`).
 
   Returns:
     [batch, out_h, out_w, out_channels].
   """
-  if impl == 'matmul':
+  if resolve_impl(impl) == 'matmul':
     return conv2d_matmul(x, kernel, stride)
-  if impl == 'xla':
-    return conv2d_xla(x, kernel, stride)
-  raise ValueError(f'conv impl must be one of {CONV_IMPLS}, got {impl!r}.')
+  return conv2d_xla(x, kernel, stride)

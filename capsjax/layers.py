@@ -48,7 +48,7 @@ class Conv2D(nn.Module):
     features: output channels.
     kernel_size: square kernel side.
     strides: stride in both directions.
-    impl: 'matmul' or 'xla', see `capsjax.conv.conv2d`.
+    impl: 'auto', 'matmul' or 'xla', see `capsjax.conv.conv2d`.
     dtype: compute dtype; parameters are kept in param_dtype.
     padding: 'VALID' (no padding) or 'SAME' (TensorFlow's and `nn.Conv`'s: out
       = ceil(in / strides), the low side gets the smaller half of the padding).
@@ -56,7 +56,7 @@ class Conv2D(nn.Module):
   features: int
   kernel_size: int
   strides: int = 1
-  impl: str = 'matmul'
+  impl: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   padding: str = 'VALID'
@@ -92,7 +92,7 @@ class PrimaryCapsules(nn.Module):
   capsule_dim: int = 8
   kernel_size: int = 9
   strides: int = 2
-  conv_impl: str = 'matmul'
+  conv_impl: str = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -143,15 +143,16 @@ def decoder_mask(lengths, labels=None):
 
   Args:
     lengths: [batch, num_classes] capsule lengths.
-    labels: None, int [batch] class indices, or [batch, num_classes] multi-hot.
+    labels: None, int [batch] class indices, [batch, num_classes] multi-hot, or
+      [batch, M, num_classes] masks, one per reconstruction.
 
   Returns:
-    [batch, num_classes] float32 mask of 0s and 1s.
+    float32 mask of 0s and 1s, [batch, num_classes] or [batch, M, num_classes].
   """
   num_classes = lengths.shape[-1]
   if labels is None:
     return jax.nn.one_hot(jnp.argmax(lengths, axis=-1), num_classes)
-  if labels.ndim == lengths.ndim:
+  if labels.ndim >= lengths.ndim:
     return labels.astype(jnp.float32)
   return jax.nn.one_hot(labels, num_classes)
 
@@ -169,9 +170,21 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, capsules, mask):
-    """capsules [batch, K, D], mask [batch, K] -> images [batch, *output_shape] in (0, 1)."""
-    x = (capsules * mask[..., None].astype(capsules.dtype)).reshape(capsules.shape[0], -1)
+    """Reconstruct from the capsules the mask keeps, once per mask.
+
+    Args:
+      capsules: [batch, K, D].
+      mask: [batch, K], or [batch, M, K] for M reconstructions of each example
+        (MultiMNIST: one per digit).
+
+    Returns:
+      [batch, *output_shape] or [batch, M, *output_shape], in (0, 1).
+    """
+    if mask.ndim == 3:
+      capsules = jnp.broadcast_to(capsules[:, None], (*mask.shape, capsules.shape[-1]))
+    lead = mask.shape[:-1]
+    x = (capsules * mask[..., None].astype(capsules.dtype)).reshape(math.prod(lead), -1)
     for width in self.hidden:
       x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
     x = nn.Dense(math.prod(self.output_shape), dtype=self.dtype)(x)
-    return nn.sigmoid(x).reshape(x.shape[0], *self.output_shape)
+    return nn.sigmoid(x).reshape(*lead, *self.output_shape)

@@ -27,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import data, train
+from capsjax import data, train, visualize
 from capsjax.checkpoint import Checkpointer
 from capsjax.errors import InputError
 
 RUN_FILE = 'run.json'
 METRICS_FILE = 'metrics.jsonl'
+CURVES_FILE = 'curves.png'
 # Settings that may differ when a run is resumed: they change how long it runs, not
 # what each epoch computes.
 RESUMABLE = ('epochs',)
@@ -59,7 +60,8 @@ def data_fingerprint(*arrays):
   return digest.hexdigest()
 
 
-def run_identity(config, dataset_name, fingerprint, train_examples, test_examples, loss_fn):
+def run_identity(config, dataset_name, fingerprint, train_examples, test_examples, loss_fn,
+                 validation_examples=0):
   """Everything that makes two runs compute the same thing, as JSON-ready values.
 
   Args:
@@ -68,6 +70,7 @@ def run_identity(config, dataset_name, fingerprint, train_examples, test_example
     fingerprint: `data_fingerprint` of the dataset.
     train_examples, test_examples: how many of each split the run uses.
     loss_fn: the per-example loss function (recorded by name).
+    validation_examples: how many training examples are held out.
 
   Returns:
     dict of str -> JSON values.
@@ -75,6 +78,8 @@ def run_identity(config, dataset_name, fingerprint, train_examples, test_example
   identity = {'dataset': dataset_name, 'data_sha256': fingerprint,
               'train_examples': train_examples, 'test_examples': test_examples,
               'loss': loss_fn.__name__, **dataclasses.asdict(config)}
+  if validation_examples:  # absent when none: runs from before the split still resume
+    identity['validation_examples'] = validation_examples
   return json.loads(json.dumps(identity))
 
 
@@ -166,19 +171,59 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _shard(indices, num_devices):
-  return indices.reshape(num_devices, -1)
+def _first(array, count):
+  return array[:count] if count else array
 
 
-def evaluate(p_eval, state, images, labels, num_examples, batch_size, num_devices):
+def split_validation(images, labels, validation_examples, train_examples=0):
+  """Hold out the last `validation_examples` of a training split; train on (the first N of) the rest.
+
+  Args:
+    images: [N, ...], labels: [N, ...], the training split.
+    validation_examples: int, examples held out from its end (0: none).
+    train_examples: int, train on the first this many of the rest (0: all of it).
+
+  Returns:
+    (train images, train labels, validation images, validation labels): disjoint
+    ranges of the inputs, the validation arrays empty when none is held out.
+
+  Raises:
+    InputError: nothing would be left to train on.
+  """
+  kept = len(images) - validation_examples
+  if kept <= 0:
+    raise InputError(f'--validation_examples={validation_examples} leaves none of the '
+                     f'{len(images)} training examples to train on; hold out fewer.')
+  return (_first(images[:kept], train_examples), _first(labels[:kept], train_examples),
+          images[kept:], labels[kept:])
+
+
+def local_shards(batch):
+  """This process's share of a global batch, a row per local device.
+
+  The global batch is split evenly over every device of every process, in the
+  order of `jax.devices()`, which is the order of pmap's axis; each process
+  feeds only its own devices, and the steps' pmean/psum span all of them.
+
+  Args:
+    batch: array [B, ...], the same on every process; B divisible by
+      `jax.device_count()`.
+
+  Returns:
+    array [jax.local_device_count(), B / jax.device_count(), ...].
+  """
+  shards = batch.reshape(jax.device_count(), -1, *batch.shape[1:])
+  return shards[[jax.devices().index(device) for device in jax.local_devices()]]
+
+
+def evaluate(p_eval, state, images, labels, num_examples, batch_size):
   """Means over exactly num_examples of every term the eval step sums.
 
   Args:
     p_eval: from `train.pmap_steps`.
     state, images, labels: replicated state and device-resident split.
     num_examples: examples to evaluate (the last batch is padded and masked).
-    batch_size: global evaluation batch.
-    num_devices: devices the batch is split over.
+    batch_size: global evaluation batch, split over every device (`local_shards`).
 
   Returns:
     dict of term name -> float mean.
@@ -188,7 +233,7 @@ def evaluate(p_eval, state, images, labels, num_examples, batch_size, num_device
     indices = np.arange(start, start + batch_size)
     mask = (indices < num_examples).astype(np.float32)
     indices = np.where(mask > 0, indices, 0).astype(np.int32)
-    sums = p_eval(state, images, labels, _shard(indices, num_devices), _shard(mask, num_devices))
+    sums = p_eval(state, images, labels, local_shards(indices), local_shards(mask))
     for key, value in jax.device_get(flax.jax_utils.unreplicate(sums)).items():
       totals[key] = totals.get(key, 0.0) + float(value)
   count = totals.pop('count')
@@ -215,10 +260,10 @@ def _diverged(epoch, step_in_epoch, steps, first_step, value, checkpoint_dir, la
 class EpochRunner:
   """Runs the steps of an epoch, timing all but this process's first (compiling) step."""
 
-  def __init__(self, p_train, images, labels, batch_size, num_devices, progress_seconds, log):
+  def __init__(self, p_train, images, labels, batch_size, progress_seconds, log):
     """p_train from `train.pmap_steps`; images and labels replicated; the rest as named."""
     self._p_train, self._images, self._labels = p_train, images, labels
-    self._batch_size, self._num_devices = batch_size, num_devices
+    self._batch_size = batch_size
     self._progress_seconds, self._log = progress_seconds, log
     self._compiled = False
 
@@ -241,7 +286,7 @@ class EpochRunner:
     for step in range(steps):
       indices = order[step * self._batch_size:(step + 1) * self._batch_size].astype(np.int32)
       replicated, metrics = self._p_train(replicated, self._images, self._labels,
-                                          _shard(indices, self._num_devices))
+                                          local_shards(indices))
       step_metrics.append(flax.jax_utils.unreplicate(metrics))
       if not self._compiled:  # the first step includes compilation: not timed
         jax.block_until_ready(metrics)
@@ -261,8 +306,15 @@ class EpochRunner:
     return replicated, jax.device_get(step_metrics), images_per_sec
 
 
+def _model_words(config):
+  if config.model == 'capsnet':
+    return f'CapsNet, {config.routing_iters} routing iterations'
+  return f'{config.model} model'
+
+
 def train_and_evaluate(config, dataset, workdir, *, dataset_name,
                        loss_fn=train.classification_losses, train_examples=0, test_examples=0,
+                       validation_examples=0, make_batch=train.take_batch, settings=None,
                        eval_only=False, pictures=None, progress_seconds=20.0, log=print):
   """Train `config` on `dataset` in `workdir` (resuming what is there), or evaluate it.
 
@@ -273,6 +325,12 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
     dataset_name: the dataset's name, recorded with the run.
     loss_fn: the per-example loss (see `train.create_train_state`).
     train_examples, test_examples: use the first N of each split (0: all).
+    validation_examples: hold out the last N training examples (0: none) and
+      evaluate them every epoch as 'validation_*', to choose settings by.
+    make_batch: builds a batch on the device from the dataset's arrays (see
+      `train.pmap_steps`); its images must be of config.image_shape.
+    settings: dict of further JSON values that define the run (a generated test
+      set's seed, say): recorded in run.json and checked on resume.
     eval_only: evaluate the latest checkpoint and stop.
     pictures: optional callable(state) drawing the run's pictures into workdir,
       called after every epoch (and once with eval_only).
@@ -287,22 +345,29 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
     InputError: settings that do not fit the data, the devices or the saved run.
     Diverged: a NaN or infinite loss or parameter.
   """
-  num_devices = jax.local_device_count()
+  num_devices = jax.device_count()
   if config.batch_size % num_devices:
     raise InputError(f'--batch_size={config.batch_size} does not divide among the '
-                     f'{num_devices} local devices; use a multiple of {num_devices}.')
-  if tuple(config.image_shape) != dataset.train_images.shape[1:]:
-    raise InputError(f'the config is for {tuple(config.image_shape)} images but the data holds '
-                     f'{dataset.train_images.shape[1:]}.')
-  subset = lambda array, count: array[:count] if count else array
-  train_x, train_y = subset(dataset.train_images, train_examples), subset(
-      dataset.train_labels, train_examples)
-  test_x, test_y = subset(dataset.test_images, test_examples), subset(
+                     f'{num_devices} devices; use a multiple of {num_devices}.')
+  # Every process computes the same; one writes the files and the log.
+  writer = jax.process_index() == 0
+  if not writer:
+    log, pictures = (lambda line: None), None
+  batch_images = jax.eval_shape(make_batch, dataset.train_images[:1], dataset.train_labels[:1],
+                                np.zeros(1, np.int32), None)['image']
+  if tuple(config.image_shape) != batch_images.shape[1:]:
+    raise InputError(f'the config is for {tuple(config.image_shape)} images but the batches '
+                     f'hold {batch_images.shape[1:]}.')
+  train_x, train_y, valid_x, valid_y = split_validation(
+      dataset.train_images, dataset.train_labels, validation_examples, train_examples)
+  test_x, test_y = _first(dataset.test_images, test_examples), _first(
       dataset.test_labels, test_examples)
+  held_out = {'validation': (valid_x, valid_y)} if validation_examples else {}
+  held_out['test'] = (test_x, test_y)
   if len(train_x) < config.batch_size and not eval_only:
     raise InputError(f'{len(train_x)} training examples are fewer than one batch of '
                      f'{config.batch_size}; lower --batch_size or raise --train_examples.')
-  for split, labels in (('training', train_y), ('test', test_y)):
+  for split, labels in (('training', train_y), *((name, y) for name, (_, y) in held_out.items())):
     data.check_labels(labels, config.num_classes, f'{dataset.source} ({split} split)')
 
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
@@ -311,7 +376,8 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
   identity = run_identity(config, dataset_name,
                           data_fingerprint(dataset.train_images, dataset.train_labels,
                                            dataset.test_images, dataset.test_labels),
-                          len(train_x), len(test_x), loss_fn)
+                          len(train_x), len(test_x), loss_fn, validation_examples)
+  identity.update(settings or {})
   run_file = os.path.join(workdir, RUN_FILE)
   with Checkpointer(checkpoint_dir) as checkpointer:
     start_epoch = checkpointer.latest_epoch()
@@ -320,27 +386,40 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
         check_resumable(json.load(f), identity, workdir)
     elif eval_only:
       raise InputError(f'--eval_only: no complete checkpoint in {checkpoint_dir} to evaluate.')
-    write_json(run_file, identity)
+    if writer:
+      write_json(run_file, identity)
 
     state = train.create_train_state(jax.random.PRNGKey(config.seed), config, loss_fn)
     if start_epoch:
       state = checkpointer.restore(state)
       log(f'Resumed from the checkpoint of epoch {start_epoch} (step {int(state.step)}).')
-    metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE), start_epoch, log)
+    metrics_path = os.path.join(workdir, METRICS_FILE)
+    metrics_log = MetricsLog(metrics_path, start_epoch, log) if writer else None
 
-    log(f'{dataset.source}: {len(train_x)} training and {len(test_x)} test images; '
-        f'{num_devices} {jax.devices()[0].platform} device(s); global batch {config.batch_size}; '
-        + (f'{config.routing_iters} routing iterations; ' if config.model == 'capsnet'
-           else f'{config.model} model; ') + f'{config.dtype}.')
-    p_train, p_eval = train.pmap_steps()
+    log(f'{dataset.source}: {len(train_x)} training, '
+        + (f'{validation_examples} validation (the last of the training split) and '
+           if validation_examples else '') + f'{len(test_x)} test images; '
+        f'{num_devices} {jax.devices()[0].platform} device(s)'
+        + (f' over {jax.process_count()} processes' if jax.process_count() > 1 else '')
+        + f'; global batch {config.batch_size}; {_model_words(config)}; {config.dtype}.')
+    p_train, p_eval = train.pmap_steps(make_batch=make_batch)
     put = train.replicate
     train_images, train_labels = put(jnp.asarray(train_x)), put(jnp.asarray(train_y))
-    test_images, test_labels = put(jnp.asarray(test_x)), put(jnp.asarray(test_y))
+    held_out_on_devices = {name: (put(jnp.asarray(x)), put(jnp.asarray(y)), len(x))
+                           for name, (x, y) in held_out.items()}
     replicated = put(state)
     schedule = config.learning_rate_schedule()
-    evaluate_test = lambda replicated: evaluate(p_eval, replicated, test_images, test_labels,
-                                                len(test_x), config.batch_size, num_devices)
-    epochs = EpochRunner(p_train, train_images, train_labels, config.batch_size, num_devices,
+
+    def evaluate_held_out(replicated):
+      """'{split}_{term}' means and '{split}_error' of the validation and test splits."""
+      record = {}
+      for name, (images, labels, count) in held_out_on_devices.items():
+        means = evaluate(p_eval, replicated, images, labels, count, config.batch_size)
+        record.update({f'{name}_{term}': value for term, value in means.items()})
+        record[f'{name}_error'] = 1.0 - means['accuracy']
+      return record
+
+    epochs = EpochRunner(p_train, train_images, train_labels, config.batch_size,
                          progress_seconds, log)
     record = None
     last_epoch = start_epoch if eval_only else max(start_epoch, config.epochs)
@@ -363,32 +442,33 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
       state = flax.jax_utils.unreplicate(replicated)
       if not bool(_all_finite(state.params)):
         stop_if_diverged(step_metrics, 'finite but a parameter is not')
-      test = evaluate_test(replicated)
       step = int(state.step)
       record = {'epoch': epoch, 'step': step}
       for name in step_metrics[0]:
         record[f'train_{name}'] = float(np.mean([m[name] for m in step_metrics]))
-      record.update({f'test_{name}': value for name, value in test.items()})
-      record['test_error'] = 1.0 - test['accuracy']
+      record.update(evaluate_held_out(replicated))
       record.update({'learning_rate': float(schedule(step)), 'images_per_sec': images_per_sec,
                      'epoch_seconds': time.perf_counter() - epoch_start,
                      'num_devices': num_devices})
       if not np.all(np.isfinite(list(record.values()))):
         stop_if_diverged(step_metrics, 'finite but the evaluation is not')
-      metrics_log.append(record)  # before the checkpoint: a resume drops lines past the checkpoint
+      if writer:  # the metrics line before the checkpoint: a resume drops lines past it
+        metrics_log.append(record)
+        visualize.training_curves(read_metrics(metrics_path, log), os.path.join(workdir, CURVES_FILE),
+                                  title=f'{workdir}: {dataset_name}, {_model_words(config)}')
       checkpointer.save(epoch, state)
       if pictures:
         pictures(state)
       log(f'epoch {epoch}/{config.epochs}  train loss {record["train_loss"]:.4f} '
-          f'acc {100 * record["train_accuracy"]:.2f}%  test loss {record["test_loss"]:.4f} '
+          f'acc {100 * record["train_accuracy"]:.2f}%  '
+          + (f'validation acc {100 * record["validation_accuracy"]:.2f}%  '
+             if validation_examples else '')
+          + f'test loss {record["test_loss"]:.4f} '
           f'acc {100 * record["test_accuracy"]:.2f}%  lr {record["learning_rate"]:.2e}  '
           f'{images_per_sec:.1f} images/s  {record["epoch_seconds"]:.1f}s')
 
     if record is None:  # nothing left to train (or --eval_only): evaluate the checkpoint
-      test = evaluate_test(replicated)
-      record = {'epoch': last_epoch, 'step': int(state.step),
-                **{f'test_{name}': value for name, value in test.items()},
-                'test_error': 1.0 - test['accuracy']}
+      record = {'epoch': last_epoch, 'step': int(state.step), **evaluate_held_out(replicated)}
       if pictures:
         pictures(state)
   log(f'Test accuracy {100 * record["test_accuracy"]:.2f}%, test error '

@@ -42,7 +42,8 @@ class CapsNet(nn.Module):
     stop_inner_gradient: see `capsjax.dynamic_routing` (False: the paper's).
     use_decoder: build the reconstruction decoder.
     decoder_hidden: its hidden layer widths (512, 1024).
-    conv_impl: 'matmul' (fast on CPU) or 'xla', see `capsjax.conv.conv2d`.
+    conv_impl: 'auto' (by platform), 'matmul' (fast on CPU) or 'xla', see
+      `capsjax.conv.conv2d`.
     dtype: compute dtype (float32, or bfloat16 for mixed precision); parameters
       stay float32 and lengths and reconstructions are returned in float32.
   """
@@ -58,7 +59,7 @@ class CapsNet(nn.Module):
   stop_inner_gradient: bool = False
   use_decoder: bool = True
   decoder_hidden: Sequence[int] = (512, 1024)
-  conv_impl: str = 'matmul'
+  conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -68,7 +69,8 @@ class CapsNet(nn.Module):
     Args:
       images: [batch, height, width, channels] float in [0, 1].
       labels: optional int [batch] or multi-hot [batch, num_classes]: the
-        capsules the decoder reconstructs from; without them, the longest.
+        capsules the decoder reconstructs from; without them, the longest. Masks
+        [batch, M, num_classes] reconstruct M times (reconstructions [batch, M, ...]).
 
     Returns:
       A `CapsNetOutput`.

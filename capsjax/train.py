@@ -36,6 +36,7 @@ from capsjax.model import CapsNet, init_params
 AXIS_NAME = 'batch'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 MODELS = ('capsnet', 'baseline')
+BATCH_STREAM = 2**31
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ class TrainConfig:
   shift_pixels: int = 2
   seed: int = 0
   dtype: str = 'float32'
-  conv_impl: str = 'matmul'
+  conv_impl: str = 'auto'
   image_shape: Tuple[int, int, int] = (28, 28, 1)
   num_classes: int = 10
   conv_features: int = 256
@@ -243,12 +244,14 @@ def eval_step(state, batch, axis_name=None):
   return sums if axis_name is None else lax.psum(sums, axis_name)
 
 
-def take_batch(images, labels, indices):
-  """Gather a batch from a device-resident dataset.
+def take_batch(images, labels, indices, key=None):
+  """Gather a batch from a device-resident dataset: the default batch maker of `pmap_steps`.
 
   Args:
     images: uint8 [N, H, W, C]; labels: int32 [N].
     indices: int32 [B].
+    key: unused; batch makers that draw their examples take a PRNG key (None
+      when evaluating), see `pmap_steps`.
 
   Returns:
     {'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B]}.
@@ -264,31 +267,57 @@ def replicate(tree, devices=None):
 
   Args:
     tree: a pytree of arrays (a TrainState, a dataset).
-    devices: the devices, default all local ones.
+    devices: the devices, default every device of every process, of which this
+      process holds a copy on each of its own (`jax.local_devices()`).
 
   Returns:
-    The tree with a leading axis of size len(devices), one copy per device.
+    The tree with a leading axis of size len(devices) (by default
+    `jax.local_device_count()`), one copy per device.
   """
-  devices = devices or jax.local_devices()
-  stacked = flax.jax_utils.replicate(tree, devices)
+  # pmap's own default (None) spans every process's devices; a list of local
+  # devices would not, with more than one process.
+  stacked = flax.jax_utils.replicate(tree, devices or jax.local_devices())
   return jax.pmap(lambda x: x, axis_name=AXIS_NAME, devices=devices)(stacked)
 
 
-def pmap_steps(devices=None):
+def batch_key(state):
+  """The PRNG key a batch maker draws a training step's batch with.
+
+  A stream of its own, apart from the step's shift and dropout keys (which
+  derive from fold_in(rng, step)): no training step reaches 2**31.
+
+  Args:
+    state: a `TrainState`.
+
+  Returns:
+    A PRNG key.
+  """
+  return jax.random.fold_in(jax.random.fold_in(state.rng, BATCH_STREAM), state.step)
+
+
+def pmap_steps(devices=None, make_batch=take_batch):
   """`pmap`ped steps that read their batch from a replicated, device-resident dataset.
 
+  make_batch(images, labels, indices, key) -> batch builds each batch on the
+  device from the dataset's arrays (default `take_batch`, a gather); key is
+  `batch_key(state)` in training and None in evaluation, where a batch must
+  depend on the indices alone (MultiMNIST pairs, `capsjax.multimnist`).
+
   Returns (p_train, p_eval):
-    p_train(state, images, labels, indices [D, B/D]) -> (state, metrics), the
+    p_train(state, images, labels, indices [D, B/G]) -> (state, metrics), the
       state donated;
-    p_eval(state, images, labels, indices [D, B/D], mask [D, B/D]) -> sums.
-  State, images and labels are replicated over the D devices with `replicate`.
+    p_eval(state, images, labels, indices [D, B/G], mask [D, B/G]) -> sums.
+  D is this process's device count and G that of every process (D = G with one
+  process); `capsjax.loop.local_shards` cuts a global batch B so. State, images
+  and labels are replicated over the D devices with `replicate`.
   """
 
   def train(state, images, labels, indices):
-    return train_step(state, take_batch(images, labels, indices), AXIS_NAME)
+    return train_step(state, make_batch(images, labels, indices, batch_key(state)), AXIS_NAME)
 
   def evaluate(state, images, labels, indices, mask):
-    return eval_step(state, {**take_batch(images, labels, indices), 'mask': mask}, AXIS_NAME)
+    return eval_step(state, {**make_batch(images, labels, indices, None), 'mask': mask},
+                     AXIS_NAME)
 
   pmap = functools.partial(jax.pmap, axis_name=AXIS_NAME, devices=devices)
   return pmap(train, donate_argnums=0), pmap(evaluate)

@@ -63,6 +63,28 @@ def _save(canvas, path):
   os.replace(partial, path)
 
 
+def _panel_grid(panels, captions, wrong, path, scale, columns):
+  """Write a PNG of cells, each the same example's panels side by side over its caption.
+
+  Args:
+    panels: list of float arrays [N, H, W] (grey) or [N, H, W, 3] (RGB) in [0, 1].
+    captions: N strs; wrong: N bools, captioned in red when True.
+    path: the .png to write; scale: pixel magnification; columns: cells per row.
+  """
+  count, height, width = panels[0].shape[:3]
+  tile = (width * scale, height * scale)
+  cell_w, cell_h = len(panels) * (tile[0] + 2) + 4, tile[1] + 16
+  rows = -(-count // columns)
+  canvas = Image.new('RGB', (columns * cell_w, rows * cell_h), 'white')
+  draw = ImageDraw.Draw(canvas)
+  for n in range(count):
+    x, y = (n % columns) * cell_w, (n // columns) * cell_h
+    for p, panel in enumerate(panels):
+      canvas.paste(_tile(panel[n], tile), (x + p * (tile[0] + 2), y))
+    draw.text((x + 2, y + tile[1] + 1), captions[n], fill='red' if wrong[n] else 'black')
+  _save(canvas, path)
+
+
 def reconstruction_grid(images, reconstructions, labels, predictions, path, scale=3, columns=8):
   """Write a PNG: each cell shows a digit, its reconstruction, and 'label/prediction'.
 
@@ -76,20 +98,33 @@ def reconstruction_grid(images, reconstructions, labels, predictions, path, scal
     scale: pixel magnification.
     columns: cells per row.
   """
-  count, height, width = images.shape[:3]
-  cell_w, cell_h = 2 * width * scale + 6, height * scale + 16
-  rows = -(-count // columns)
-  canvas = Image.new('RGB', (columns * cell_w, rows * cell_h), 'white')
-  draw = ImageDraw.Draw(canvas)
-  size = (width * scale, height * scale)
-  for n in range(count):
-    x, y = (n % columns) * cell_w, (n // columns) * cell_h
-    canvas.paste(_tile(images[n, ..., 0], size), (x, y))
-    canvas.paste(_tile(reconstructions[n, ..., 0], size), (x + width * scale + 2, y))
-    colour = 'black' if labels[n] == predictions[n] else 'red'
-    draw.text((x + 2, y + height * scale + 1), f'label {labels[n]}  pred {predictions[n]}',
-              fill=colour)
-  _save(canvas, path)
+  _panel_grid([images[..., 0], reconstructions[..., 0]],
+              [f'label {l}  pred {p}' for l, p in zip(labels, predictions)],
+              np.asarray(labels) != np.asarray(predictions), path, scale, columns)
+
+
+def pair_sheet(images, true_reconstructions, predicted_reconstructions, labels, predictions,
+               path, scale=3, columns=4):
+  """Write a PNG of the paper's Figure 5: a MultiMNIST input beside its two reconstructions.
+
+  Each cell: the input; the two digits reconstructed from the true classes'
+  capsules, the first in red and the second in green, on top of each other
+  (yellow where they overlap); the same from the two predicted capsules. The
+  caption gives 'L a,b  P c,d', in red when the prediction is wrong.
+
+  Args:
+    images: float [N, H, W, 1] in [0, 1], the merged inputs.
+    true_reconstructions, predicted_reconstructions: float [N, 2, H, W, 1].
+    labels, predictions: int [N, 2].
+    path: the .png to write.
+    scale: pixel magnification; columns: cells per row.
+  """
+  overlay = lambda r: np.concatenate([r[:, 0], r[:, 1], np.zeros_like(r[:, 0])], axis=-1)
+  labels, predictions = np.asarray(labels), np.asarray(predictions)
+  wrong = [set(l) != set(p) for l, p in zip(labels.tolist(), predictions.tolist())]
+  _panel_grid([images[..., 0], overlay(true_reconstructions), overlay(predicted_reconstructions)],
+              [f'L {l[0]},{l[1]}  P {p[0]},{p[1]}' for l, p in zip(labels, predictions)],
+              wrong, path, scale, columns)
 
 
 def dimension_sheet(images, path, title=None, captions=None, values=PERTURBATIONS, scale=2):
@@ -204,3 +239,59 @@ def coupling_figure(image, maps, label, prediction, path, title=None, scale=3):
     draw.text((bar_x + 14, y), f'{peak:.3g}', fill='black', font=font, anchor='lt')
     draw.text((bar_x + 14, y + tile_h), f'{low:.3g}', fill='black', font=font, anchor='lb')
   _save(canvas, path)
+
+
+def _error_percent(accuracy):
+  return 100.0 * (1.0 - accuracy)
+
+
+# What each curve panel shows: (title, y label, ((record key, legend, transform), ...)).
+_CURVE_PANELS = (
+    ('Loss', 'mean loss', (('train_loss', 'train', None), ('validation_loss', 'validation', None),
+                           ('test_loss', 'test', None))),
+    ('Error', 'error (%)', (('train_accuracy', 'train', _error_percent),
+                            ('validation_accuracy', 'validation', _error_percent),
+                            ('test_accuracy', 'test', _error_percent))),
+    ('Learning rate', 'learning rate', (('learning_rate', 'at epoch end', None),)),
+)
+
+
+def training_curves(records, path, title=None):
+  """Write a PNG of a run's curves per epoch: loss, error (log scales) and learning rate.
+
+  Keys a record lacks are left out (validation_* appear only in runs with a
+  validation split). The file is written under a temporary name and renamed.
+
+  Args:
+    records: list of metrics dicts, one per epoch, each with 'epoch' and any of
+      train_/validation_/test_ 'loss' and 'accuracy' (in [0, 1]) and 'learning_rate'.
+    path: the .png to write.
+    title: optional line above the panels.
+  """
+  # Figure and the Agg canvas directly, not pyplot: no global backend is chosen, so
+  # a notebook's own matplotlib setup is left alone.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  from matplotlib.ticker import MaxNLocator
+
+  figure = Figure(figsize=(13, 3.8), dpi=90, layout='constrained')
+  canvas = FigureCanvasAgg(figure)
+  for axes, (name, ylabel, curves) in zip(figure.subplots(1, len(_CURVE_PANELS)), _CURVE_PANELS):
+    for key, legend, transform in curves:
+      points = [(r['epoch'], transform(r[key]) if transform else r[key])
+                for r in records if key in r]
+      if points:
+        epochs, values = zip(*points)
+        axes.plot(epochs, values, marker='o', markersize=3, label=legend)
+    if axes.lines:
+      axes.set_yscale('log')
+      axes.legend(fontsize=8)
+    axes.set(title=name, xlabel='epoch', ylabel=ylabel)
+    axes.grid(True, which='both', alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if records:  # half an epoch of margin, so one epoch still gets an integer tick
+      axes.set_xlim(records[0]['epoch'] - 0.5, records[-1]['epoch'] + 0.5)
+  if title:
+    figure.suptitle(title, fontsize=10)
+  canvas.draw()
+  _save(Image.fromarray(np.asarray(canvas.buffer_rgba())).convert('RGB'), path)

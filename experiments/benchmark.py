@@ -20,6 +20,7 @@ device, date and command, to --json.
 """
 
 import datetime
+import itertools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from capsjax import runtime, train
+from capsjax import conv, runtime, train
 from capsjax.ops import squash
 from capsjax.routing import batched_dynamic_routing
 
@@ -43,6 +44,8 @@ flags.DEFINE_list('models', ['capsnet'], "capsnet and/or baseline (the paper's C
 flags.DEFINE_list('batch_sizes', ['16', '64', '128'], 'Global batch sizes.')
 flags.DEFINE_list('routing_iters', ['1', '3'], 'Routing iterations (CapsNet rows).')
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes.')
+flags.DEFINE_list('conv_impls', ['auto'],
+                  'Convolutions to compare: auto (by platform), matmul (im2col), xla (lax.conv).')
 flags.DEFINE_list('modes', ['train', 'infer'], 'train: the optimizer step; infer: forward only.')
 flags.DEFINE_integer('repeats', 7, 'Timed calls per row (the median is reported).', lower_bound=1)
 flags.DEFINE_integer('routing_batch', 64, 'Batch of the routing-only table (0: skip it).',
@@ -52,7 +55,7 @@ flags.DEFINE_string('json', 'bench/benchmark.json', 'Where to write the results.
 MATMUL_SIZE = 2048
 MATMUL_CHAIN = 8
 WARMUP_CALLS = 2
-TARGET_ROW = dict(mode='train', dtype='float32', routing_iters=3, batch=64)
+TARGET_ROW = dict(mode='train', dtype='float32', conv='matmul', routing_iters=3, batch=64)
 CPU_TARGET_FRACTION = 0.45
 
 
@@ -205,10 +208,10 @@ def random_batch(batch_size, config, seed=0):
           'label': jnp.asarray(rng.integers(0, config.num_classes, batch_size), jnp.int32)}
 
 
-def time_model(model, mode, dtype, routing_iters, batch_size, repeats):
+def time_model(model, mode, dtype, routing_iters, batch_size, repeats, conv_impl='auto'):
   """One row of the model table: times, rates and memory of a step."""
   config = train.TrainConfig(model=model, routing_iters=routing_iters, batch_size=batch_size,
-                             dtype=dtype)
+                             dtype=dtype, conv_impl=conv_impl)
   state = train.create_train_state(jax.random.PRNGKey(0), config)
   batch = random_batch(batch_size, config)
   if mode == 'train':
@@ -228,7 +231,7 @@ def time_model(model, mode, dtype, routing_iters, batch_size, repeats):
   capsnet = model == 'capsnet'
   flops = flops_per_image(config)['train' if mode == 'train' else 'forward'] * batch_size
   gflops, matmul_gflops = flops / seconds / 1e9, matmul_flops / matmul_seconds / 1e9
-  return dict(model=model, mode=mode, dtype=dtype,
+  return dict(model=model, mode=mode, dtype=dtype, conv=conv.resolve_impl(conv_impl),
               routing_iters=routing_iters if capsnet else None, batch=batch_size,
               ms=1e3 * seconds, images_per_sec=batch_size / seconds, gflops=gflops,
               matmul_gflops=matmul_gflops, matmul_fraction=gflops / matmul_gflops,
@@ -277,7 +280,8 @@ def print_table(rows, columns):
 
 
 MODEL_COLUMNS = [
-    ('model', 'model', '{}'), ('mode', 'mode', '{}'), ('dtype', 'dtype', '{}'), ('routing_iters', 'iters', '{}'),
+    ('model', 'model', '{}'), ('mode', 'mode', '{}'), ('dtype', 'dtype', '{}'), ('conv', 'conv', '{}'),
+    ('routing_iters', 'iters', '{}'),
     ('batch', 'batch', '{}'), ('ms', 'ms/step', '{:.1f}'), ('images_per_sec', 'images/s', '{:.1f}'),
     ('gflops', 'GFLOP/s', '{:.1f}'), ('matmul_gflops', 'matmul GFLOP/s', '{:.1f}'),
     ('matmul_fraction', 'of matmul', '{:.0%}'), ('peak_mb', 'peak MiB', '{:.0f}'),
@@ -309,6 +313,9 @@ def main(argv):
   for mode in FLAGS.modes:
     if mode not in ('train', 'infer'):
       raise app.UsageError(f'--modes: {mode!r} is not train or infer')
+  for impl in FLAGS.conv_impls:
+    if impl not in conv.CONV_IMPLS:
+      raise app.UsageError(f'--conv_impls: {impl!r} is not one of {conv.CONV_IMPLS}')
   for model in FLAGS.models:
     if model not in train.MODELS:
       raise app.UsageError(f'--models: {model!r} is not one of {train.MODELS}')
@@ -324,11 +331,12 @@ def main(argv):
   rows = []
   for model in FLAGS.models:
     for mode in FLAGS.modes:
-      for dtype in FLAGS.dtypes:
+      for dtype, impl in itertools.product(FLAGS.dtypes, FLAGS.conv_impls):
         for iters in routing_iters if model == 'capsnet' else [None]:
           for batch_size in batch_sizes:
-            row = time_model(model, mode, dtype, iters, batch_size, FLAGS.repeats)
-            print(f'  {model} {mode} {dtype}' + (f' {iters} iterations' if iters else '') +
+            row = time_model(model, mode, dtype, iters, batch_size, FLAGS.repeats, impl)
+            print(f'  {model} {mode} {dtype} {row["conv"]} conv' +
+                  (f' {iters} iterations' if iters else '') +
                   f', batch {batch_size}: {row["images_per_sec"]:.1f} images/s', flush=True)
             rows.append(row)
   print()

@@ -8,8 +8,9 @@ import dataclasses
 import sys
 
 from absl import app, flags, logging
+import jax
 
-from capsjax import data, runtime, train
+from capsjax import conv, data, distributed, runtime, train
 from capsjax.errors import InputError
 
 DEFAULTS = train.TrainConfig()
@@ -33,8 +34,9 @@ flags.DEFINE_integer('shift_pixels', DEFAULTS.shift_pixels,
 flags.DEFINE_integer('seed', DEFAULTS.seed, 'Seed for the initialisation, order and shifts.')
 flags.DEFINE_enum('dtype', DEFAULTS.dtype, sorted(train.DTYPES),
                   'Compute dtype (bfloat16: mixed precision, float32 parameters and loss).')
-flags.DEFINE_enum('conv_impl', DEFAULTS.conv_impl, ['matmul', 'xla'],
-                  'Convolution: matmul (im2col matrix products) or xla (lax.conv).')
+flags.DEFINE_enum('conv_impl', DEFAULTS.conv_impl, list(conv.CONV_IMPLS),
+                  'Convolution: auto (matmul on the CPU, xla on GPU and TPU), matmul (im2col '
+                  'matrix products) or xla (lax.conv).')
 flags.DEFINE_integer('conv_features', DEFAULTS.conv_features, 'Conv1 channels.', lower_bound=1)
 flags.DEFINE_integer('primary_types', DEFAULTS.primary_types, 'Primary capsule maps.',
                      lower_bound=1)
@@ -45,17 +47,36 @@ flags.DEFINE_float('dropout_rate', DEFAULTS.dropout_rate, "Baseline CNN's dropou
                    lower_bound=0, upper_bound=1)
 
 flags.DEFINE_integer('train_examples', 0, 'Train on the first N examples (0: all).', lower_bound=0)
+flags.DEFINE_integer('validation_examples', 0,
+                     'Hold out the last N training examples and evaluate them every epoch, '
+                     'to choose settings by (0: none).', lower_bound=0)
 flags.DEFINE_integer('test_examples', 0, 'Evaluate on the first N examples (0: all).',
                      lower_bound=0)
 flags.DEFINE_string('data_dir', None,
                     f'Folder of the four IDX files (default: ${data.DATA_DIR_ENV}, else tfds, '
                     'else a checksummed download).')
 flags.DEFINE_enum('dataset', 'mnist', sorted(data.DATASETS), 'Dataset.')
+flags.DEFINE_string('workdir', None, "The run's folder: run.json, metrics, checkpoints, pictures.")
+flags.DEFINE_bool('eval_only', False, 'Evaluate the latest checkpoint in --workdir and stop.')
 flags.DEFINE_float('progress_seconds', 20.0, 'Seconds between progress lines within an epoch.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for a run over several processes (hosts), with '
+                    '--num_processes and --process_id. Unset on SLURM and multi-host TPU VMs: '
+                    'they are read from the environment.')
+flags.DEFINE_integer('num_processes', None, 'Processes in the run (with --coordinator_address).',
+                     lower_bound=1)
+flags.DEFINE_integer('process_id', None, "This process's number, 0 at the coordinator address.",
+                     lower_bound=0)
+
+
+def is_writer():
+  """Whether this process writes the run's files and lines (the first of a multi-process run)."""
+  return jax.process_index() == 0
 
 
 def say(message):
-  print(message, flush=True)
+  if is_writer():
+    print(message, flush=True)
 
 
 def config_from_flags(dataset, **overrides):
@@ -70,8 +91,8 @@ def config_from_flags(dataset, **overrides):
   """
   values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(train.TrainConfig)
             if f.name in FLAGS}
-  values.update(image_shape=dataset.train_images.shape[1:], num_classes=dataset.num_classes,
-                **overrides)
+  values.update({'image_shape': dataset.train_images.shape[1:],
+                 'num_classes': dataset.num_classes, **overrides})
   return train.TrainConfig(**values)
 
 
@@ -81,9 +102,10 @@ def load_data():
 
 
 def run_main(body):
-  """absl main for an experiment: restart onto huge pages, run `body()`, report input errors.
+  """absl main for an experiment: set up the process, run `body()`, report input errors.
 
-  An `InputError` (bad flags, data, workdir; divergence) ends the process with
+  Set-up is joining the run's other processes (see `capsjax.distributed`), or
+  for a single process a restart onto huge pages (see `capsjax.runtime`). An `InputError` (bad flags, data, workdir; divergence) ends the process with
   one line on stderr and exit status 1; anything else keeps its traceback.
   """
 
@@ -91,8 +113,13 @@ def run_main(body):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     logging.set_verbosity(logging.WARNING)
-    runtime.restart_with_huge_pages()
+    # Asking JAX's platform (which the restart does) before joining the other
+    # processes is not allowed, and a restart would leave them: a run over several
+    # processes keeps the default malloc.
+    if FLAGS.coordinator_address is None and distributed.cluster_in_environment() is None:
+      runtime.restart_with_huge_pages()
     try:
+      distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
       body()
     except InputError as e:
       sys.exit(f'error: {e}')

@@ -25,35 +25,61 @@ from capsjax.errors import InputError
 from experiments import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Folder of a trained CapsNet run (with a decoder).')
 flags.DEFINE_integer('digits', 6, 'Test digits to draw, the first N of the test set.',
                      lower_bound=1)
-flags.mark_flag_as_required('workdir')
 
 
-def main():
-  config, state, identity = loop.load_run(FLAGS.workdir)
+def check_decoder(config, workdir):
+  """Raise an `InputError` unless `config` (of the run in `workdir`) has a decoder to draw with."""
   if config.model != 'capsnet' or config.recon_weight <= 0:
-    raise InputError(f'{FLAGS.workdir} holds a {config.model} run without a decoder '
+    raise InputError(f'{workdir} holds a {config.model} run without a decoder '
                      f'(recon_weight {config.recon_weight}); the dimension sheet decodes '
                      f'capsules, so train a CapsNet with --recon_weight > 0.')
-  dataset = data.load_dataset(identity['dataset'], FLAGS.data_dir, log=common.say)
-  labels = dataset.test_labels[:FLAGS.digits]
-  images = jnp.asarray(dataset.test_images[:FLAGS.digits], jnp.float32) / 255.0
-  model = config.build_model()
-  result = jax.device_get(jax.jit(functools.partial(interpret.analyse, model))(state.params, images))
+
+
+def draw(config, params, images, labels, workdir, where):
+  """Draw dimensions.png and couplings.png of a trained CapsNet into `workdir`.
+
+  Args:
+    config: the run's `train.TrainConfig` (a CapsNet with a decoder).
+    params: its parameters (single device).
+    images: float32 [N, H, W, C] in [0, 1], the digits to draw.
+    labels: int [N], their labels.
+    workdir: the folder the pictures go to.
+    where: words naming the run and epoch, for the titles.
+
+  Returns:
+    (sheet path, coupling figure path, predictions int [N]).
+  """
+  check_decoder(config, workdir)
+  result = jax.device_get(jax.jit(functools.partial(interpret.analyse, config.build_model()))(
+      params, images))
   predictions = result['predictions']
   captions = [f'test digit {n}: label {label}, predicted {prediction}'
               for n, (label, prediction) in enumerate(zip(labels, predictions))]
-  where = f'{FLAGS.workdir}, epoch {identity["epoch"]}'
-  sheet = os.path.join(FLAGS.workdir, 'dimensions.png')
+  sheet = os.path.join(workdir, 'dimensions.png')
   visualize.dimension_sheet(result['perturbed'], sheet, captions=captions,
                             title=f'Each row: one dimension of the predicted capsule, '
                                   f'offset -0.25 .. +0.25 ({where})')
-  figure = os.path.join(FLAGS.workdir, 'couplings.png')
+  figure = os.path.join(workdir, 'couplings.png')
   visualize.coupling_figure(np.asarray(images), result['couplings'], labels, predictions, figure,
                             title=f'Share of each PrimaryCaps position\'s evidence (coupling x '
                                   f'capsule length) routed to each class ({where})')
+  return sheet, figure, predictions
+
+
+def main():
+  if FLAGS.workdir is None:
+    raise InputError('--workdir is required: the folder of a trained CapsNet run (with a decoder).')
+  config, state, identity = loop.load_run(FLAGS.workdir)
+  check_decoder(config, FLAGS.workdir)  # before the data is loaded
+  dataset = data.load_dataset(identity['dataset'], FLAGS.data_dir, log=common.say)
+  labels = dataset.test_labels[:FLAGS.digits]
+  images = jnp.asarray(dataset.test_images[:FLAGS.digits], jnp.float32) / 255.0
+  if not common.is_writer():
+    return
+  sheet, figure, predictions = draw(config, state.params, images, labels, FLAGS.workdir,
+                                    f'{FLAGS.workdir}, epoch {identity["epoch"]}')
   common.say(f'Wrote {sheet} and {figure} for {FLAGS.digits} test digits '
              f'({int(np.sum(predictions == labels))} predicted right).')
 

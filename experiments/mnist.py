@@ -23,8 +23,7 @@ from capsjax.visualize import reconstruction_grid
 from experiments import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', 'runs/mnist', 'Folder for metrics, checkpoints and pictures.')
-flags.DEFINE_bool('eval_only', False, 'Evaluate the latest checkpoint in --workdir and stop.')
+FLAGS.set_default('workdir', 'runs/mnist')
 
 PICTURE_EXAMPLES = 32
 
@@ -68,7 +67,8 @@ def train_mnist(config, dataset, workdir, eval_only=False):
   return loop.train_and_evaluate(
       config, dataset, workdir, dataset_name=FLAGS.dataset,
       loss_fn=train.classification_losses, train_examples=FLAGS.train_examples,
-      test_examples=FLAGS.test_examples, eval_only=eval_only,
+      test_examples=FLAGS.test_examples, validation_examples=FLAGS.validation_examples,
+      eval_only=eval_only,
       pictures=reconstruction_pictures(dataset, workdir) if has_decoder else None,
       progress_seconds=FLAGS.progress_seconds, log=common.say)
 

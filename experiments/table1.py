@@ -137,6 +137,8 @@ def main():
             f'{settings["batch_size"]}; {settings["device"]}, {settings["date"]}. '
             f'Paper: 3 trials of full training.')
   table = markdown(rows, header)
+  if not common.is_writer():
+    return
   os.makedirs(FLAGS.workdir, exist_ok=True)
   with open(os.path.join(FLAGS.workdir, 'table1.md'), 'w') as f:
     f.write(table)

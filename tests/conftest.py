@@ -5,6 +5,8 @@ import pathlib
 import numpy as np
 import pytest
 
+from capsjax import data
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'
 
@@ -41,8 +43,33 @@ def tiny_dataset(tmp_path):
   return write_dataset(str(tmp_path / 'data'))
 
 
-@pytest.fixture
+def find_mnist(shared=MNIST_DIR, environ=os.environ, download=data.download):
+  """The folder of the real MNIST files, from the first source there is.
+
+  Args:
+    shared: the workspace's copy (../shared/data/mnist beside the repository).
+    environ: environment variables; $CAPSJAX_DATA_DIR names a folder of the files.
+    download: callable('mnist') -> folder, the checksummed download into the cache.
+
+  Returns:
+    str, a folder holding the four IDX files (raw or .gz).
+
+  Raises:
+    pytest's failure, saying what was tried, when no source works.
+  """
+  if pathlib.Path(shared).is_dir():
+    return str(shared)
+  if environ.get(data.DATA_DIR_ENV):
+    return environ[data.DATA_DIR_ENV]
+  try:
+    return download('mnist')
+  except (data.DataError, OSError) as e:
+    pytest.fail(f'these tests need the real MNIST files: {shared} does not exist, '
+                f'${data.DATA_DIR_ENV} is not set, and the checksummed download failed ({e}). '
+                f'Set {data.DATA_DIR_ENV} to a folder of the four IDX files, or give this '
+                f'machine network access.')
+
+
+@pytest.fixture(scope='session')
 def mnist_dir():
-  if not MNIST_DIR.is_dir():
-    pytest.fail(f'the real MNIST files are expected in {MNIST_DIR}')
-  return str(MNIST_DIR)
+  return find_mnist()

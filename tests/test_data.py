@@ -1,12 +1,13 @@
 import gzip
 import hashlib
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from capsjax import data
-from tests.conftest import write_dataset, write_idx
+from tests.conftest import find_mnist, write_dataset, write_idx
 
 
 @pytest.mark.parametrize('gz', [True, False])
@@ -72,8 +73,21 @@ def test_real_mnist_files(mnist_dir):
   np.testing.assert_array_equal(ds.train_labels[:8], [5, 0, 4, 1, 9, 2, 1, 3])
 
 
+def gzipped_mirror(folder, directory):
+  """A folder of the four .gz files, as a download mirror holds them, from raw or .gz files."""
+  os.makedirs(directory)
+  for name in data.DATASETS['mnist'].sha256:
+    raw = os.path.join(folder, name)
+    if os.path.isfile(raw):
+      with open(raw, 'rb') as f, gzip.open(os.path.join(directory, name + '.gz'), 'wb') as out:
+        shutil.copyfileobj(f, out)
+    else:
+      shutil.copy(raw + '.gz', directory)
+  return directory
+
+
 def test_download_verifies_content_and_skips_verified_files(tmp_path, mnist_dir):
-  mirror = 'file://' + mnist_dir + '/'
+  mirror = 'file://' + gzipped_mirror(mnist_dir, str(tmp_path / 'mirror')) + '/'
   target = data.download('mnist', str(tmp_path), base_url=mirror)
   assert sorted(os.listdir(target)) == sorted(f + '.gz' for f in data.DATASETS['mnist'].sha256)
   ds = data.load_idx_dir(target)
@@ -116,3 +130,25 @@ def test_fashion_mnist_from_the_debian_package():
   for name, digest in source.sha256.items():
     with gzip.open(os.path.join(source.system_dir, name + '.gz'), 'rb') as f:
       assert hashlib.sha256(f.read()).hexdigest() == digest
+
+
+def test_tests_find_mnist_in_the_workspace_then_the_environment_then_the_download(tmp_path):
+  shared, named = str(tmp_path / 'shared'), str(tmp_path / 'named')
+  os.makedirs(shared)
+  downloads = []
+  download = lambda name: downloads.append(name) or str(tmp_path / 'cache')
+  assert find_mnist(shared, {data.DATA_DIR_ENV: named}, download) == shared
+  missing = str(tmp_path / 'missing')
+  assert find_mnist(missing, {data.DATA_DIR_ENV: named}, download) == named
+  assert downloads == []
+  assert find_mnist(missing, {}, download) == str(tmp_path / 'cache') and downloads == ['mnist']
+
+
+def test_tests_without_any_mnist_fail_saying_what_was_tried(tmp_path):
+  def offline(name):
+    raise OSError('Network is unreachable')
+
+  with pytest.raises(pytest.fail.Exception,
+                     match=f'{tmp_path}/missing does not exist, .CAPSJAX_DATA_DIR is not set, and '
+                           r'the checksummed download failed \(Network is unreachable\)'):
+    find_mnist(str(tmp_path / 'missing'), {}, offline)

@@ -54,6 +54,8 @@ def test_smoke_run_on_real_mnist(tmp_path, mnist_dir):
   picture = Image.open(os.path.join(workdir, 'reconstructions.png'))
   colours = np.unique(np.asarray(picture.convert('RGB')).reshape(-1, 3), axis=0)
   assert picture.size[0] > 500 and len(colours) > 10
+  curves = Image.open(os.path.join(workdir, 'curves.png'))
+  assert curves.size[0] > 800 and curves.size[1] > 200
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '2'))
   last = proc.stdout.strip().splitlines()[-1]
   assert last == (f'Test accuracy {100 * record["test_accuracy"]:.2f}%, test error '
@@ -129,7 +131,7 @@ def test_batch_that_does_not_divide_among_devices(tmp_path, tiny_dataset):
   proc = run('--batch_size=18', f'--data_dir={tiny_dataset}', f'--workdir={workdir}', env=env,
              timeout=60)
   assert proc.returncode == 1
-  assert 'does not divide among the 4 local devices; use a multiple of 4' in proc.stderr
+  assert 'does not divide among the 4 devices; use a multiple of 4' in proc.stderr
   assert not workdir.exists()
 
 

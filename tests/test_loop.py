@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
-from capsjax import data, loop, train
+from capsjax import data, loop, train, visualize
 from capsjax.checkpoint import Checkpointer
 from capsjax.errors import InputError
 from capsjax.losses import capsnet_loss_terms
@@ -174,19 +175,54 @@ def resumed(diverged_in_epoch_2, dataset, tmp_path_factory):
   shutil.copytree(diverged_in_epoch_2[0], workdir)
   with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
     f.write('{"epoch": 2, "step": 8, "train_lo')  # killed while writing epoch 2
-  lines = []
-  record = loop.train_and_evaluate(dataclasses.replace(CONFIG, epochs=3), dataset, workdir,
-                                   dataset_name='mnist', log=lines.append)
-  return workdir, lines, record
+  lines, drawn = [], []
+  draw = visualize.training_curves
+
+  def spy(records, path, title=None):
+    drawn.append([r['epoch'] for r in records])
+    draw(records, path, title)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(visualize, 'training_curves', spy)
+    record = loop.train_and_evaluate(dataclasses.replace(CONFIG, epochs=3), dataset, workdir,
+                                     dataset_name='mnist', log=lines.append)
+  return workdir, lines, record, drawn
 
 
 def test_resume_may_change_epochs(resumed):
-  workdir, lines, record = resumed
+  workdir, lines, record, _ = resumed
   assert 'Resumed from the checkpoint of epoch 1 (step 4).' in lines
   assert record['epoch'] == 3 and record['step'] == 12
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert checkpointer.latest_epoch() == 3
   checkpointer.close()
+
+
+def test_curves_are_redrawn_each_epoch_from_every_epoch_of_the_run(resumed):
+  workdir, _, _, drawn = resumed
+  assert drawn == [[1, 2], [1, 2, 3]]  # epoch 1 from before the resume, the cut-off line not
+  assert os.path.isfile(os.path.join(workdir, loop.CURVES_FILE))
+
+
+def curve_colours(records, path):
+  visualize.training_curves(records, path)
+  pixels = np.asarray(Image.open(path).convert('RGB')).reshape(-1, 3).astype(int)
+  # matplotlib's first three line colours, in the order train, validation, test
+  # (without validation, test takes the second).
+  return [int(np.sum(np.abs(pixels - colour).sum(axis=1) < 30))
+          for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44))]
+
+
+def test_training_curves_draw_the_series_the_records_hold(tmp_path):
+  records = [{'epoch': e, 'train_loss': 1 / e, 'test_loss': 1.2 / e, 'train_accuracy': 1 - 0.1 / e,
+              'test_accuracy': 1 - 0.05 / e, 'learning_rate': 1e-3 * 0.9 ** e} for e in (1, 2, 3)]
+  without = curve_colours(records, str(tmp_path / 'a.png'))
+  with_validation = curve_colours(
+      [{**r, 'validation_loss': r['test_loss'] * 0.9, 'validation_accuracy': 0.97} for r in records],
+      str(tmp_path / 'b.png'))
+  assert without[0] > 200 and without[1] > 200 and without[2] == 0
+  assert all(count > 200 for count in with_validation)
+  assert Image.open(tmp_path / 'a.png').size[0] > 800
 
 
 # 2. Divergence keeps the last good state.
@@ -281,7 +317,7 @@ def test_tfds_labels_out_of_range_stop_without_a_download(monkeypatch, tmp_path)
 # 4. A metrics line cut off by a kill.
 
 def test_partial_last_metrics_line_is_dropped_and_the_resume_proceeds(resumed):
-  workdir, lines, _ = resumed
+  workdir, lines, _, _ = resumed
   path = os.path.join(workdir, 'metrics.jsonl')
   assert f'{path}: skipped its partial last line, written while an epoch was cut off before ' \
          f'its checkpoint.' in lines
@@ -367,7 +403,7 @@ def test_create_train_state_keys_the_rng_and_checkpoints_keep_it(small_state, tm
 # 7. Compilation is excluded from every process's speed.
 
 def test_resumed_run_announces_compilation_once_and_does_not_time_it(resumed):
-  workdir, lines, _ = resumed
+  workdir, lines, _, _ = resumed
   compiled = [line for line in lines if 'compiled and ran the first step' in line]
   assert len(compiled) == 1
   seconds = float(re.search(r'in ([0-9.]+)s', compiled[0]).group(1))
@@ -409,3 +445,41 @@ def test_classification_losses_of_a_capsnet_are_its_loss_terms(small_state, trai
   for name, value in expected.items():
     np.testing.assert_array_equal(got[name], value, err_msg=name)
   np.testing.assert_array_equal(got['accuracy'], jnp.argmax(out.lengths, -1) == labels)
+
+
+# 5. A validation split held out from the training set.
+
+def test_split_validation_holds_out_the_end_and_trains_on_the_rest():
+  images, labels = np.arange(10) * 10, np.arange(10)
+  train_x, train_y, valid_x, valid_y = loop.split_validation(images, labels, 3)
+  np.testing.assert_array_equal(train_y, np.arange(7))
+  np.testing.assert_array_equal(valid_y, [7, 8, 9])
+  np.testing.assert_array_equal(valid_x, [70, 80, 90])
+  train_x, train_y, _, valid_y = loop.split_validation(images, labels, 3, train_examples=4)
+  np.testing.assert_array_equal(train_y, np.arange(4))
+  assert not set(train_y) & set(valid_y)
+  assert len(loop.split_validation(images, labels, 0)[2]) == 0
+  with pytest.raises(InputError, match='--validation_examples=10 leaves none of the 10'):
+    loop.split_validation(images, labels, 10)
+
+
+def test_validation_metrics_are_the_held_out_examples_evaluated(dataset, tmp_path):
+  workdir = str(tmp_path / 'run')
+  lines = []
+  record = loop.train_and_evaluate(CONFIG, dataset, workdir, dataset_name='mnist',
+                                   validation_examples=16, log=lines.append)
+  with open(os.path.join(workdir, loop.RUN_FILE)) as f:
+    identity = json.load(f)
+  assert identity['train_examples'] == 48 and identity['validation_examples'] == 16
+  assert record['step'] == 3  # 48 examples in batches of 16: the held-out 16 were not trained on
+  _, state, _ = loop.load_run(workdir)
+  batch = {'image': jnp.asarray(dataset.train_images[48:], jnp.float32) / 255.0,
+           'label': jnp.asarray(dataset.train_labels[48:])}
+  sums = jax.device_get(jax.jit(train.eval_step)(state, batch))
+  assert record['validation_accuracy'] == pytest.approx(sums['accuracy'] / 16)
+  assert record['validation_loss'] == pytest.approx(sums['loss'] / 16, rel=1e-5)
+  assert record['validation_error'] == pytest.approx(1 - record['validation_accuracy'])
+  assert loop.read_metrics(os.path.join(workdir, loop.METRICS_FILE))[0]['validation_loss'] == \
+      pytest.approx(record['validation_loss'])
+  assert '16 validation (the last of the training split)' in lines[0]
+  assert 'validation acc' in lines[-2]

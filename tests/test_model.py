@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import capsjax
-from capsjax.conv import conv2d
+from capsjax import train
+from capsjax.conv import conv2d, resolve_impl
 from tests import reference
 
 
@@ -57,8 +58,20 @@ def test_matmul_convolution_jacobians_forward_and_reverse_agree():
     np.testing.assert_allclose(forward, reverse, rtol=1e-5, atol=1e-6)
 
 def test_unknown_conv_impl_is_a_clear_error():
-  with pytest.raises(ValueError, match="'matmul', 'xla'"):
+  with pytest.raises(ValueError, match="'auto', 'matmul', 'xla'"):
     conv2d(jnp.zeros((1, 9, 9, 1)), jnp.zeros((3, 3, 1, 2)), 1, 'cudnn')
+
+
+@pytest.mark.parametrize('platform, uses_xla_conv', [('cpu', False), ('gpu', True),
+                                                     ('tpu', True)])
+def test_auto_conv_impl_is_chosen_by_platform(monkeypatch, platform, uses_xla_conv):
+  monkeypatch.setattr(jax, 'default_backend', lambda: platform)
+  assert resolve_impl('auto') == ('xla' if uses_xla_conv else 'matmul')
+  assert resolve_impl('matmul') == 'matmul' and resolve_impl('xla') == 'xla'
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d(x, w, 2))(jnp.zeros((1, 9, 9, 1)),
+                                                          jnp.zeros((3, 3, 1, 2))))
+  assert ('conv_general_dilated' in jaxpr) == uses_xla_conv
+  assert capsjax.CapsNet().conv_impl == 'auto' and train.TrainConfig().conv_impl == 'auto'
 
 
 def test_conv_layer_equals_flax_conv_with_same_parameters():

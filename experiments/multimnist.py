@@ -1,0 +1,117 @@
+"""MultiMNIST (the paper's section 6): name and separate two highly overlapping digits.
+
+    python -m experiments.multimnist --data_dir=../shared/data/mnist
+
+Every training step draws new pairs on the device: each training digit in turn
+is a base, overlaid with a digit of another class, both shifted by up to 4
+pixels on a 36x36 canvas (`capsjax.multimnist`). The test set is fixed for
+--test_seed: pair i has test digit i as its base (10,000 pairs, or the first
+--test_examples). The model is the paper's CapsNet on 36x36 inputs (PrimaryCaps
+10x10x32, 3 routing iterations) or --model=baseline; the loss is the margin loss
+with both classes as targets plus a reconstruction of each digit from its own
+capsule. The metric is the paper's: an example is right when its two longest
+capsules are exactly its two classes; per-digit accuracy is reported too.
+
+Writes to --workdir what every experiment writes (see `capsjax.loop`) and
+multimnist.png, the paper's Figure 5: inputs beside the reconstructions from the
+true and the predicted capsules, red over green. --export=FILE.npz writes the
+test set instead of training.
+"""
+
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capsjax import loop, multimnist
+from capsjax.errors import InputError
+from capsjax.visualize import pair_sheet
+from experiments import common
+
+FLAGS = flags.FLAGS
+FLAGS.set_default('workdir', 'runs/multimnist')
+flags.DEFINE_integer('test_seed', 0, 'Seed of the generated test set.')
+flags.DEFINE_string('export', None,
+                    'Write the test set (--test_examples pairs, 0: 10,000) to this .npz and stop: '
+                    'image uint8 [N, 36, 36, 1], labels [N, 2], digits uint8 [N, 2, 36, 36, 1], '
+                    'shifts [N, 2, 2] (dy, dx), indices [N, 2] into the MNIST test split.')
+
+PICTURE_POOL = 256  # test pairs searched for right and wrong examples to draw
+PICTURE_EACH = 8
+
+
+def figure5(dataset, make_batch, config, workdir):
+  """A `pictures` callback drawing multimnist.png from the first test pairs, right and wrong.
+
+  Args:
+    dataset: the single-digit `capsjax.data.Dataset`.
+    make_batch: the run's batch maker (`multimnist.batch_maker`).
+    config: the run's `capsjax.train.TrainConfig` (a CapsNet with a decoder).
+    workdir: where multimnist.png goes.
+
+  Returns:
+    callable(state).
+  """
+  count = min(PICTURE_POOL, len(dataset.test_images))
+  batch = jax.jit(make_batch)(dataset.test_images, dataset.test_labels, jnp.arange(count))
+  path = os.path.join(workdir, 'multimnist.png')
+  model = config.build_model()
+  apply = jax.jit(model.apply)
+
+  def draw(state):
+    lengths = apply({'params': state.params}, batch['image']).lengths
+    predictions = multimnist.top2(lengths)
+    decode = lambda classes: apply({'params': state.params}, batch['image'], jax.nn.one_hot(
+        classes, model.num_classes)).reconstructions
+    true, predicted, right = jax.device_get((decode(batch['label']), decode(predictions),
+                                             multimnist.pair_metrics(lengths, batch['label'])))
+    labels, predictions, right = (np.asarray(batch['label']), np.asarray(predictions),
+                                  right['accuracy'] > 0)
+    chosen = np.concatenate([np.flatnonzero(right)[:PICTURE_EACH],
+                             np.flatnonzero(~right)[:PICTURE_EACH]])
+    pair_sheet(np.asarray(batch['image'])[chosen], true[chosen], predicted[chosen],
+               labels[chosen], predictions[chosen], path)
+
+  return draw
+
+
+def export(dataset, path):
+  """Write the generated test set to `path` (see --export)."""
+  count = FLAGS.test_examples or len(dataset.test_images)
+  if count > len(dataset.test_images):
+    raise InputError(f'--test_examples={count}: the test set has one pair per test digit, '
+                     f'{len(dataset.test_images)} in all.')
+  pairs = jax.jit(multimnist.make_pairs, static_argnums=4)(
+      jax.random.PRNGKey(FLAGS.test_seed), dataset.test_images, dataset.test_labels,
+      jnp.arange(count), dataset.num_classes)
+  multimnist.export(path, pairs)
+  common.say(f'Wrote {count} MultiMNIST test pairs (test seed {FLAGS.test_seed}) to {path}.')
+
+
+def main():
+  if FLAGS['shift_pixels'].present:
+    raise InputError('--shift_pixels does not apply: MultiMNIST shifts each digit by up to '
+                     f'{multimnist.MAX_SHIFT} pixels as it makes the pairs.')
+  dataset = common.load_data()
+  if FLAGS.export:
+    export(dataset, FLAGS.export)
+    return
+  height, width, channels = dataset.train_images.shape[1:]
+  config = common.config_from_flags(
+      dataset, shift_pixels=0,
+      image_shape=(height + 2 * multimnist.PAD, width + 2 * multimnist.PAD, channels))
+  make_batch = multimnist.batch_maker(FLAGS.test_seed, dataset.num_classes)
+  has_decoder = config.model == 'capsnet' and config.recon_weight > 0
+  loop.train_and_evaluate(
+      config, dataset, FLAGS.workdir, dataset_name=FLAGS.dataset,
+      loss_fn=multimnist.multimnist_losses, train_examples=FLAGS.train_examples,
+      test_examples=FLAGS.test_examples, validation_examples=FLAGS.validation_examples,
+      eval_only=FLAGS.eval_only, make_batch=make_batch, settings={'test_seed': FLAGS.test_seed},
+      pictures=figure5(dataset, make_batch, config, FLAGS.workdir) if has_decoder else None,
+      progress_seconds=FLAGS.progress_seconds, log=common.say)
+
+
+if __name__ == '__main__':
+  common.run_main(main)

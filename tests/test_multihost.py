@@ -1,0 +1,135 @@
+"""A run over several processes: two processes of 4 devices train as one of 8.
+
+Two `python -m experiments.mnist` processes on localhost, 4 forced CPU devices
+each, joined with --coordinator_address, must give the parameters one process
+with 8 devices gives on the same batches, after an epoch and after resuming
+for a second; and only the first process writes the run's files.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from capsjax import distributed, loop, train
+from capsjax.checkpoint import Checkpointer
+from capsjax.errors import InputError
+from tests.conftest import REPO
+from tests.test_loop import ENV, SMALL_FLAGS
+
+GLOBAL_DEVICES = 8
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def start(flags, devices, extra=()):
+  env = dict(ENV, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return subprocess.Popen([sys.executable, '-m', 'experiments.mnist', *SMALL_FLAGS, *flags,
+                           *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def finish(procs):
+  outputs = [proc.communicate(timeout=300) for proc in procs]
+  for proc, (_, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-3000:]
+  return [out for out, _ in outputs]
+
+
+def train_two_processes(flags):
+  address = f'localhost:{free_port()}'
+  return finish([start(flags, GLOBAL_DEVICES // 2,
+                       (f'--coordinator_address={address}', '--num_processes=2',
+                        f'--process_id={n}')) for n in range(2)])
+
+
+def params_at(workdir, epoch):
+  config, state, _ = loop.load_run(workdir)
+  with Checkpointer(os.path.join(workdir, 'checkpoints')) as checkpointer:
+    return jax.tree.leaves(checkpointer.restore(state, epoch).params)
+
+
+def assert_same_params(first, second):
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    # Summing gradients across processes may order the additions differently.
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_two_processes_train_as_one(tmp_path, tiny_dataset):
+  common = [f'--data_dir={tiny_dataset}', '--train_examples=64', '--test_examples=40']
+  one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+  single = start([*common, f'--workdir={one}', '--epochs=2'], GLOBAL_DEVICES)
+  first_out, second_out = train_two_processes([*common, f'--workdir={two}', '--epochs=1'])
+  finish([single])
+  assert 'device(s) over 2 processes' in first_out
+  # The log is the first process's alone (gloo, the CPU collectives, prints its own lines).
+  assert [line for line in second_out.splitlines() if not line.startswith('[Gloo]')] == []
+  records = loop.read_metrics(os.path.join(two, loop.METRICS_FILE))
+  assert [r['epoch'] for r in records] == [1] and records[0]['num_devices'] == GLOBAL_DEVICES
+  assert os.path.isfile(os.path.join(two, loop.CURVES_FILE))
+  assert_same_params(params_at(two, 1), params_at(one, 1))
+
+  out, _ = train_two_processes([*common, f'--workdir={two}', '--epochs=2'])
+  assert 'Resumed from the checkpoint of epoch 1' in out
+  assert [r['epoch'] for r in loop.read_metrics(os.path.join(two, loop.METRICS_FILE))] == [1, 2]
+  assert_same_params(params_at(two, 2), params_at(one, 2))
+  single_record = loop.read_metrics(os.path.join(one, loop.METRICS_FILE))[-1]
+  two_record = loop.read_metrics(os.path.join(two, loop.METRICS_FILE))[-1]
+  for key in ('train_loss', 'test_loss', 'test_accuracy'):
+    assert two_record[key] == pytest.approx(single_record[key], rel=1e-5), key
+
+
+def test_local_shards_of_one_process_is_the_whole_batch():
+  batch = np.arange(12 * jax.device_count())
+  shards = loop.local_shards(batch)
+  assert shards.shape == (jax.local_device_count(), 12)
+  np.testing.assert_array_equal(shards.reshape(-1), batch)
+
+
+@pytest.mark.parametrize('environ, expected', [
+    ({}, None),
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}, None),
+    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}, 'slurm'),
+    ({'SLURM_NTASKS': '4'}, None),
+    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, None),
+    ({'TPU_WORKER_HOSTNAMES': 't1k-w-0,t1k-w-1'}, 'tpu'),
+])
+def test_cluster_in_environment(environ, expected):
+  assert distributed.cluster_in_environment(environ) == expected
+
+
+@pytest.mark.parametrize('address, count, process, words', [
+    ('localhost:1234', None, 0, 'needs --num_processes and --process_id'),
+    ('localhost:1234', 2, None, 'needs --num_processes and --process_id'),
+    ('localhost:1234', 2, 2, '--process_id=2 must lie in [0, 2)'),
+    (None, 2, 1, 'need --coordinator_address'),
+])
+def test_bad_process_flags_are_input_errors(address, count, process, words):
+  with pytest.raises(InputError, match=words.replace('[', r'\[').replace('(', r'\(')
+                     .replace(')', r'\)')):
+    distributed.initialize(address, count, process, environ={})
+
+
+def test_one_process_joins_nothing():
+  assert distributed.initialize(None, None, None, environ={}) == 1
+  assert distributed.initialize(None, 1, 0, environ={}) == 1
+
+
+def test_bad_process_flags_exit_with_one_line(tmp_path, tiny_dataset):
+  proc = start([f'--data_dir={tiny_dataset}', f'--workdir={tmp_path / "run"}',
+                '--coordinator_address=localhost:1'], 1)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 1
+  assert err.strip() == ('error: --coordinator_address=localhost:1 needs --num_processes and '
+                         '--process_id (0 for the process at that address).')
+  assert not os.path.exists(tmp_path / 'run')
