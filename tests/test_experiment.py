@@ -62,22 +62,7 @@ def test_smoke_run_on_real_mnist(tmp_path, mnist_dir):
                   f'{100 * record["test_error"]:.2f}% on 250 images after epoch 2.')
 
 
-def test_resume_and_eval_only(tmp_path, tiny_dataset):
-  workdir = str(tmp_path / 'run')
-  flags = [f'--data_dir={tiny_dataset}', f'--workdir={workdir}', *SMALL_FLAGS]
-  assert run('--epochs=1', *flags).returncode == 0
-  proc = run('--epochs=2', *flags)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'Resumed from the checkpoint of epoch 1 (step 4)' in proc.stdout
-  records = read_metrics(workdir)
-  assert [r['epoch'] for r in records] == [1, 2] and records[1]['step'] == 8
-  proc = run('--epochs=2', '--eval_only', *flags)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f'Test accuracy {100 * records[1]["test_accuracy"]:.2f}%' in proc.stdout
-  assert [r['epoch'] for r in read_metrics(workdir)] == [1, 2]
-
-
-def test_killed_run_resumes_without_duplicates(tmp_path, tiny_dataset):
+def test_killed_run_resumes_without_duplicates_then_eval_only(tmp_path, tiny_dataset):
   workdir = str(tmp_path / 'run')
   flags = ['--epochs=5', f'--data_dir={tiny_dataset}', f'--workdir={workdir}', *SMALL_FLAGS]
   proc = subprocess.Popen(command(*flags), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -94,8 +79,14 @@ def test_killed_run_resumes_without_duplicates(tmp_path, tiny_dataset):
   done = run(*flags)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'Resumed from the checkpoint of epoch' in done.stdout
-  assert [r['epoch'] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5]
-  assert read_metrics(workdir)[-1]['step'] == 20
+  records = read_metrics(workdir)
+  assert [r['epoch'] for r in records] == [1, 2, 3, 4, 5] and records[-1]['step'] == 20
+  evaluated = run('--eval_only', *flags)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert evaluated.stdout.strip().splitlines()[-1] == (
+      f'Test accuracy {100 * records[-1]["test_accuracy"]:.2f}%, test error '
+      f'{100 * records[-1]["test_error"]:.2f}% on 40 images after epoch 5.')
+  assert read_metrics(workdir) == records  # evaluation writes no metrics line
 
 
 @pytest.mark.parametrize('flag,message', [

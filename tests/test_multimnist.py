@@ -178,7 +178,7 @@ def run(*flags):
                         cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
 
 
-def test_command_trains_evaluates_draws_and_exports(tmp_path, mnist_dir):
+def test_command_trains_draws_and_exports(tmp_path, mnist_dir):
   workdir = str(tmp_path / 'run')
   common = [f'--data_dir={mnist_dir}', f'--workdir={workdir}', '--train_examples=192',
             '--test_examples=96', '--batch_size=32']
@@ -195,10 +195,6 @@ def test_command_trains_evaluates_draws_and_exports(tmp_path, mnist_dir):
   assert identity['loss'] == 'multimnist_losses' and identity['shift_pixels'] == 0
   picture = Image.open(os.path.join(workdir, 'multimnist.png'))
   assert picture.size[0] > 1000
-
-  again = run(*common, '--eval_only')
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert f'Test accuracy {100 * record["test_accuracy"]:.2f}%' in again.stdout
 
   path = str(tmp_path / 'pairs.npz')
   exported = run(f'--data_dir={mnist_dir}', f'--export={path}', '--test_examples=50')
