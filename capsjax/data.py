@@ -174,6 +174,27 @@ def load_idx_dir(directory, num_classes=10, source=None):
   return Dataset(*train, *test, num_classes=num_classes, source=source or directory)
 
 
+def known_dataset(directory):
+  """Which of DATASETS a folder holds, told by its training labels file (a few KB), or None.
+
+  Their file names are the same, so a folder of MNIST must not pass for
+  Fashion-MNIST; a folder of other data (a subset, your own) is None.
+
+  Args:
+    directory: folder of IDX files.
+
+  Returns:
+    A key of DATASETS, or None (not one of them, or no readable labels file).
+  """
+  labels = 'train-labels-idx1-ubyte'
+  try:
+    digest = _sha256(_idx_path(directory, labels))
+  except (OSError, DataError, zlib.error, EOFError):
+    return None
+  return next((name for name, source in DATASETS.items() if source.sha256[labels] == digest),
+              None)
+
+
 def _sha256(path):
   return hashlib.sha256(_read_bytes(path)).hexdigest()
 
@@ -260,6 +281,10 @@ def load_dataset(name='mnist', data_dir=None, cache_dir=DEFAULT_CACHE_DIR, log=p
   source = DATASETS[name]
   data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
   if data_dir:  # the user's explicit choice: its errors are final
+    holds = known_dataset(data_dir)
+    if holds not in (None, name):
+      raise DataError(f'{data_dir} holds the {holds} files, not {name}; pass --data_dir with '
+                      f'the {name} files, or unset {DATA_DIR_ENV} if it named that folder.')
     return load_idx_dir(data_dir, source.num_classes)
   if source.system_dir and os.path.isdir(source.system_dir):
     return load_idx_dir(source.system_dir, source.num_classes)

@@ -121,7 +121,8 @@ def test_environment_variable_names_the_folder(tmp_path, monkeypatch):
   assert len(data.load_dataset('mnist').train_labels) == 12
 
 
-def test_fashion_mnist_from_the_debian_package():
+def test_fashion_mnist_from_the_debian_package(monkeypatch):
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
   source = data.DATASETS['fashion_mnist']
   if not os.path.isdir(source.system_dir):
     pytest.skip('apt-get install dataset-fashion-mnist (.ci/run installs it)')
@@ -152,3 +153,14 @@ def test_tests_without_any_mnist_fail_saying_what_was_tried(tmp_path):
                      match=f'{tmp_path}/missing does not exist, .CAPSJAX_DATA_DIR is not set, and '
                            r'the checksummed download failed \(Network is unreachable\)'):
     find_mnist(str(tmp_path / 'missing'), {}, offline)
+
+
+def test_a_folder_of_mnist_does_not_pass_for_fashion_mnist(mnist_dir, monkeypatch, tmp_path):
+  assert data.known_dataset(mnist_dir) == 'mnist'
+  assert data.known_dataset(write_dataset(str(tmp_path / 'own'))) is None
+  assert data.known_dataset(str(tmp_path / 'missing')) is None
+  with pytest.raises(data.DataError, match=f'{mnist_dir} holds the mnist files, not fashion_mnist'):
+    data.load_dataset('fashion_mnist', mnist_dir)
+  monkeypatch.setenv(data.DATA_DIR_ENV, mnist_dir)
+  with pytest.raises(data.DataError, match='or unset CAPSJAX_DATA_DIR'):
+    data.load_dataset('fashion_mnist')
