@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from capsjax import distributed, loop, train
+from capsjax import distributed, loop
 from capsjax.checkpoint import Checkpointer
 from capsjax.errors import InputError
 from tests.conftest import REPO

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from capsjax import BaselineCNN, data, layers, loop, multimnist, train
-from capsjax.losses import margin_loss, reconstruction_loss
+from capsjax.losses import reconstruction_loss
 from tests.conftest import REPO
 from tests.test_loop import ENV
 
