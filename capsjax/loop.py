@@ -140,7 +140,10 @@ def read_metrics(path, log=print):
 
 
 class MetricsLog:
-  """metrics.jsonl: one JSON object per epoch, never two for the same epoch."""
+  """metrics.jsonl: one JSON object per epoch, never two for the same epoch.
+
+  `records` holds what the file holds, so the curves are drawn without reading it back.
+  """
 
   def __init__(self, path, keep_through_epoch, log=print):
     """Open the log, keeping only the epochs that a checkpoint covers.
@@ -152,11 +155,10 @@ class MetricsLog:
       log: called with a line when a partial last line is dropped.
     """
     self.path = path
-    kept = [json.dumps(r) + '\n' for r in read_metrics(path, log)
-            if r['epoch'] <= keep_through_epoch]
+    self.records = [r for r in read_metrics(path, log) if r['epoch'] <= keep_through_epoch]
     partial = path + '.partial'
     with open(partial, 'w') as f:
-      f.writelines(kept)
+      f.writelines(json.dumps(r) + '\n' for r in self.records)
     os.replace(partial, path)
 
   def append(self, record):
@@ -164,6 +166,7 @@ class MetricsLog:
       f.write(json.dumps(record, allow_nan=False) + '\n')
       f.flush()
       os.fsync(f.fileno())
+    self.records.append(record)
 
 
 @jax.jit
@@ -393,8 +396,8 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
     if start_epoch:
       state = checkpointer.restore(state)
       log(f'Resumed from the checkpoint of epoch {start_epoch} (step {int(state.step)}).')
-    metrics_path = os.path.join(workdir, METRICS_FILE)
-    metrics_log = MetricsLog(metrics_path, start_epoch, log) if writer else None
+    metrics_log = (MetricsLog(os.path.join(workdir, METRICS_FILE), start_epoch, log)
+                   if writer else None)
 
     log(f'{dataset.source}: {len(train_x)} training, '
         + (f'{validation_examples} validation (the last of the training split) and '
@@ -454,7 +457,7 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
         stop_if_diverged(step_metrics, 'finite but the evaluation is not')
       if writer:  # the metrics line before the checkpoint: a resume drops lines past it
         metrics_log.append(record)
-        visualize.training_curves(read_metrics(metrics_path, log), os.path.join(workdir, CURVES_FILE),
+        visualize.training_curves(metrics_log.records, os.path.join(workdir, CURVES_FILE),
                                   title=f'{workdir}: {dataset_name}, {_model_words(config)}')
       checkpointer.save(epoch, state)
       if pictures:
