@@ -13,12 +13,15 @@ import orbax.checkpoint as ocp
 def _items(state):
   # On the host: orbax writes NumPy arrays once, from the primary process, whereas
   # every process of a multi-host run holds its own single-device copy of the state.
-  return jax.device_get({'params': state.params, 'opt_state': state.opt_state,
-                         'step': state.step, 'rng': state.rng})
+  items = {'params': state.params, 'opt_state': state.opt_state, 'step': state.step,
+           'rng': state.rng}
+  if state.ema is not None:
+    items['ema'] = state.ema
+  return jax.device_get(items)
 
 
 class Checkpointer:
-  """Saves and restores the parameters, optimizer state, step and key, by epoch.
+  """Saves and restores the parameters, optimizer state, step, key and EMA, by epoch.
 
   In a run of several processes every process calls each method: the primary
   one writes, all of them read.

@@ -4,9 +4,12 @@
 device-resident dataset, evaluates after each, and keeps a workdir:
 
   run.json        the run's settings and the data's identity; a rerun resumes
-                  only if they match (`epochs` may change)
-  metrics.jsonl   one JSON object per epoch: train_* and test_* means of every
-                  term of the loss function, test_error, learning rate, speed
+                  only if they match (`epochs` may change, unless the learning
+                  rate schedule spans the run)
+  metrics.jsonl   one JSON object per epoch: train_*, validation_* and test_*
+                  means of every term of the loss function, *_error, learning
+                  rate, speed (evaluations use `train.evaluation_params`; with an
+                  EMA, validation_raw_* evaluate the trained weights themselves)
   checkpoints/    orbax checkpoints of the last two epochs; a rerun resumes from
                   the latest
   *.png           whatever the experiment's `pictures` draws
@@ -34,9 +37,6 @@ from capsjax.errors import InputError
 RUN_FILE = 'run.json'
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
-# Settings that may differ when a run is resumed: they change how long it runs, not
-# what each epoch computes.
-RESUMABLE = ('epochs',)
 
 
 class Diverged(InputError):
@@ -83,23 +83,27 @@ def run_identity(config, dataset_name, fingerprint, train_examples, test_example
   return json.loads(json.dumps(identity))
 
 
-def check_resumable(saved, current, workdir):
+def check_resumable(saved, current, workdir, resumable=('epochs',)):
   """Raise InputError naming every setting in which `current` differs from `saved`.
 
   Args:
     saved, current: `run_identity` dicts.
     workdir: the run's folder, for the message.
+    resumable: names that may differ (`train.TrainConfig.resumable_settings`):
+      they change how long a run goes on, not what each of its epochs computes.
   """
   names = sorted(set(saved) | set(current))
   differences = [f'  {name}: saved {saved.get(name)!r}, now {current.get(name)!r}'
                  for name in names
-                 if name not in RESUMABLE and saved.get(name) != current.get(name)]
+                 if name not in resumable and saved.get(name) != current.get(name)]
   if differences:
+    may_change = (f'{", ".join(resumable)} may change on resume' if resumable else
+                  'its learning rate schedule spans the run, so not even epochs may change')
     raise InputError(
         f'{workdir} holds a run made with other settings, which a resume would mix up:\n'
         + '\n'.join(differences) +
         f'\nRerun with the saved values to resume it, or pass another --workdir to start a '
-        f'new run. ({", ".join(RESUMABLE)} may change on resume.)')
+        f'new run. ({may_change}.)')
 
 
 def write_json(path, value):
@@ -386,13 +390,15 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
     start_epoch = checkpointer.latest_epoch()
     if start_epoch and os.path.exists(run_file):
       with open(run_file) as f:
-        check_resumable(json.load(f), identity, workdir)
+        check_resumable(json.load(f), identity, workdir, config.resumable_settings())
     elif eval_only:
       raise InputError(f'--eval_only: no complete checkpoint in {checkpoint_dir} to evaluate.')
     if writer:
       write_json(run_file, identity)
 
-    state = train.create_train_state(jax.random.PRNGKey(config.seed), config, loss_fn)
+    steps_per_epoch = len(train_x) // config.batch_size
+    state = train.create_train_state(jax.random.PRNGKey(config.seed), config, loss_fn,
+                                     steps_per_epoch)
     if start_epoch:
       state = checkpointer.restore(state)
       log(f'Resumed from the checkpoint of epoch {start_epoch} (step {int(state.step)}).')
@@ -411,15 +417,22 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
     held_out_on_devices = {name: (put(jnp.asarray(x)), put(jnp.asarray(y)), len(x))
                            for name, (x, y) in held_out.items()}
     replicated = put(state)
-    schedule = config.learning_rate_schedule()
+    schedule = config.learning_rate_schedule(steps_per_epoch)
+
+    # With an EMA, the validation split is evaluated with the trained weights too
+    # ('validation_raw_*'), so whether the average helps is judged on held-out data.
+    raw = ('validation',) if config.ema_decay and validation_examples else ()
 
     def evaluate_held_out(replicated):
       """'{split}_{term}' means and '{split}_error' of the validation and test splits."""
       record = {}
-      for name, (images, labels, count) in held_out_on_devices.items():
-        means = evaluate(p_eval, replicated, images, labels, count, config.batch_size)
-        record.update({f'{name}_{term}': value for term, value in means.items()})
-        record[f'{name}_error'] = 1.0 - means['accuracy']
+      evaluations = [(name, name, replicated) for name in held_out_on_devices]
+      evaluations += [(f'{name}_raw', name, replicated.replace(ema=None)) for name in raw]
+      for key, name, evaluated in evaluations:
+        images, labels, count = held_out_on_devices[name]
+        means = evaluate(p_eval, evaluated, images, labels, count, config.batch_size)
+        record.update({f'{key}_{term}': value for term, value in means.items()})
+        record[f'{key}_error'] = 1.0 - means['accuracy']
       return record
 
     epochs = EpochRunner(p_train, train_images, train_labels, config.batch_size,
@@ -466,6 +479,8 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
           f'acc {100 * record["train_accuracy"]:.2f}%  '
           + (f'validation acc {100 * record["validation_accuracy"]:.2f}%  '
              if validation_examples else '')
+          + (f'(trained weights {100 * record["validation_raw_accuracy"]:.2f}%)  '
+             if raw else '')
           + f'test loss {record["test_loss"]:.4f} '
           f'acc {100 * record["test_accuracy"]:.2f}%  lr {record["learning_rate"]:.2e}  '
           f'{images_per_sec:.1f} images/s  {record["epoch_seconds"]:.1f}s')
@@ -477,6 +492,31 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
   log(f'Test accuracy {100 * record["test_accuracy"]:.2f}%, test error '
       f'{100 * record["test_error"]:.2f}% on {len(test_x)} images after epoch {last_epoch}.')
   return record
+
+
+def load_run_identity(workdir):
+  """The `run_identity` dict a trained run recorded in its run.json.
+
+  Args:
+    workdir: a folder `train_and_evaluate` wrote.
+
+  Raises:
+    InputError: no trained run (run.json and checkpoints/) in workdir.
+  """
+  run_file = os.path.join(workdir, RUN_FILE)
+  if not os.path.isfile(run_file) or not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise InputError(f'{workdir}: no trained run there ({RUN_FILE} and checkpoints/ are '
+                     f'missing); train one first, e.g. python -m experiments.mnist '
+                     f'--workdir={workdir}.')
+  with open(run_file) as f:
+    return json.load(f)
+
+
+def config_from_identity(identity):
+  """The `train.TrainConfig` a `run_identity` dict (a run.json) records."""
+  fields = {field.name for field in dataclasses.fields(train.TrainConfig)}
+  values = {name: value for name, value in identity.items() if name in fields}
+  return train.TrainConfig(**{**values, 'image_shape': tuple(values['image_shape'])})
 
 
 def load_run(workdir, loss_fn=train.classification_losses):
@@ -494,21 +534,13 @@ def load_run(workdir, loss_fn=train.classification_losses):
   Raises:
     InputError: no run or no complete checkpoint in workdir.
   """
-  run_file = os.path.join(workdir, RUN_FILE)
+  identity = load_run_identity(workdir)
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
-  if not os.path.isfile(run_file) or not os.path.isdir(checkpoint_dir):
-    raise InputError(f'{workdir}: no trained run there ({RUN_FILE} and checkpoints/ are '
-                     f'missing); train one first, e.g. python -m experiments.mnist '
-                     f'--workdir={workdir}.')
-  with open(run_file) as f:
-    identity = json.load(f)
-  fields = {field.name for field in dataclasses.fields(train.TrainConfig)}
-  values = {name: value for name, value in identity.items() if name in fields}
-  config = train.TrainConfig(**{**values, 'image_shape': tuple(values['image_shape'])})
+  config = config_from_identity(identity)
   with Checkpointer(checkpoint_dir) as checkpointer:
     epoch = checkpointer.latest_epoch()
     if not epoch:
       raise InputError(f'{checkpoint_dir}: no complete checkpoint; let the run finish an epoch.')
-    state = checkpointer.restore(
-        train.create_train_state(jax.random.PRNGKey(0), config, loss_fn))
+    state = checkpointer.restore(train.create_train_state(
+        jax.random.PRNGKey(0), config, loss_fn, identity['train_examples'] // config.batch_size))
   return config, state, {**identity, 'epoch': epoch}

@@ -190,7 +190,6 @@ def export(path, pairs):
     pairs: `make_pairs`' output (on the host or device).
   """
   arrays = {name: np.asarray(value) for name, value in jax.device_get(pairs).items()}
-  arrays['labels'] = arrays.pop('label')
   partial = path + '.partial.npz'
   np.savez_compressed(partial, **arrays)
   os.replace(partial, path)

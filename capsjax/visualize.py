@@ -251,6 +251,8 @@ _CURVE_PANELS = (
                            ('test_loss', 'test', None))),
     ('Error', 'error (%)', (('train_accuracy', 'train', _error_percent),
                             ('validation_accuracy', 'validation', _error_percent),
+                            ('validation_raw_accuracy', 'validation, trained weights '
+                             '(not their EMA)', _error_percent),
                             ('test_accuracy', 'test', _error_percent))),
     ('Learning rate', 'learning rate', (('learning_rate', 'at epoch end', None),)),
 )
@@ -264,7 +266,8 @@ def training_curves(records, path, title=None):
 
   Args:
     records: list of metrics dicts, one per epoch, each with 'epoch' and any of
-      train_/validation_/test_ 'loss' and 'accuracy' (in [0, 1]) and 'learning_rate'.
+      train_/validation_/test_ 'loss' and 'accuracy' (in [0, 1]), 'learning_rate',
+      and 'validation_raw_accuracy' (see `capsjax.loop`).
     path: the .png to write.
     title: optional line above the panels.
   """

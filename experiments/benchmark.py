@@ -3,8 +3,10 @@
     python -m experiments.benchmark                       # the full table
     python -m experiments.benchmark --batch_sizes=64 --dtypes=float32 --routing_iters=3
     python -m experiments.benchmark --models=capsnet,baseline --routing_iters=3
+    python -m experiments.benchmark --recipes=paper,fast --batch_sizes=64,128 --modes=train
 
-For each batch size, routing iterations and compute dtype it times the jitted
+For each batch size, routing iterations, compute dtype and recipe (the fast
+one adds the moving average of the weights to the step) it times the jitted
 training step (forward, backward, Adam update) and inference (forward only):
 compilation and two warm-up calls are outside the timing, every call is waited
 for (`block_until_ready`), and the median of --repeats calls is reported. A
@@ -47,6 +49,9 @@ flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes.')
 flags.DEFINE_list('conv_impls', ['auto'],
                   'Convolutions to compare: auto (by platform), matmul (im2col), xla (lax.conv).')
 flags.DEFINE_list('modes', ['train', 'infer'], 'train: the optimizer step; infer: forward only.')
+flags.DEFINE_list('recipes', ['paper'],
+                  'Recipes (train.RECIPES) whose training step to time, each at every '
+                  '--batch_sizes (inference is the same for all).')
 flags.DEFINE_integer('repeats', 7, 'Timed calls per row (the median is reported).', lower_bound=1)
 flags.DEFINE_integer('routing_batch', 64, 'Batch of the routing-only table (0: skip it).',
                      lower_bound=0)
@@ -55,7 +60,7 @@ flags.DEFINE_string('json', 'bench/benchmark.json', 'Where to write the results.
 MATMUL_SIZE = 2048
 MATMUL_CHAIN = 8
 WARMUP_CALLS = 2
-TARGET_ROW = dict(mode='train', dtype='float32', conv='matmul', routing_iters=3, batch=64)
+TARGET_ROW = dict(recipe='paper', mode='train', dtype='float32', conv='matmul', routing_iters=3, batch=64)
 CPU_TARGET_FRACTION = 0.45
 
 
@@ -208,11 +213,14 @@ def random_batch(batch_size, config, seed=0):
           'label': jnp.asarray(rng.integers(0, config.num_classes, batch_size), jnp.int32)}
 
 
-def time_model(model, mode, dtype, routing_iters, batch_size, repeats, conv_impl='auto'):
+def time_model(model, mode, dtype, routing_iters, batch_size, repeats, conv_impl='auto',
+               recipe='paper'):
   """One row of the model table: times, rates and memory of a step."""
-  config = train.TrainConfig(model=model, routing_iters=routing_iters, batch_size=batch_size,
-                             dtype=dtype, conv_impl=conv_impl)
-  state = train.create_train_state(jax.random.PRNGKey(0), config)
+  config = train.TrainConfig(**{**train.RECIPES[recipe], 'model': model,
+                                'routing_iters': routing_iters, 'batch_size': batch_size,
+                                'dtype': dtype, 'conv_impl': conv_impl})
+  # The schedule's length changes its values, not the step's work.
+  state = train.create_train_state(jax.random.PRNGKey(0), config, steps_per_epoch=1000)
   batch = random_batch(batch_size, config)
   if mode == 'train':
     compiled = jax.jit(train.train_step, donate_argnums=0).lower(state, batch).compile()
@@ -231,7 +239,8 @@ def time_model(model, mode, dtype, routing_iters, batch_size, repeats, conv_impl
   capsnet = model == 'capsnet'
   flops = flops_per_image(config)['train' if mode == 'train' else 'forward'] * batch_size
   gflops, matmul_gflops = flops / seconds / 1e9, matmul_flops / matmul_seconds / 1e9
-  return dict(model=model, mode=mode, dtype=dtype, conv=conv.resolve_impl(conv_impl),
+  return dict(model=model, recipe=recipe, mode=mode, dtype=dtype,
+              conv=conv.resolve_impl(conv_impl),
               routing_iters=routing_iters if capsnet else None, batch=batch_size,
               ms=1e3 * seconds, images_per_sec=batch_size / seconds, gflops=gflops,
               matmul_gflops=matmul_gflops, matmul_fraction=gflops / matmul_gflops,
@@ -280,7 +289,7 @@ def print_table(rows, columns):
 
 
 MODEL_COLUMNS = [
-    ('model', 'model', '{}'), ('mode', 'mode', '{}'), ('dtype', 'dtype', '{}'), ('conv', 'conv', '{}'),
+    ('model', 'model', '{}'), ('recipe', 'recipe', '{}'), ('mode', 'mode', '{}'), ('dtype', 'dtype', '{}'), ('conv', 'conv', '{}'),
     ('routing_iters', 'iters', '{}'),
     ('batch', 'batch', '{}'), ('ms', 'ms/step', '{:.1f}'), ('images_per_sec', 'images/s', '{:.1f}'),
     ('gflops', 'GFLOP/s', '{:.1f}'), ('matmul_gflops', 'matmul GFLOP/s', '{:.1f}'),
@@ -319,6 +328,9 @@ def main(argv):
   for model in FLAGS.models:
     if model not in train.MODELS:
       raise app.UsageError(f'--models: {model!r} is not one of {train.MODELS}')
+  for recipe in FLAGS.recipes:
+    if recipe not in train.RECIPES:
+      raise app.UsageError(f'--recipes: {recipe!r} is not one of {sorted(train.RECIPES)}')
   logging.set_verbosity(logging.WARNING)
   runtime.restart_with_huge_pages()
 
@@ -331,11 +343,13 @@ def main(argv):
   rows = []
   for model in FLAGS.models:
     for mode in FLAGS.modes:
-      for dtype, impl in itertools.product(FLAGS.dtypes, FLAGS.conv_impls):
+      # A recipe changes the training step only.
+      recipes = FLAGS.recipes if mode == 'train' else ['paper']
+      for dtype, impl, recipe in itertools.product(FLAGS.dtypes, FLAGS.conv_impls, recipes):
         for iters in routing_iters if model == 'capsnet' else [None]:
           for batch_size in batch_sizes:
-            row = time_model(model, mode, dtype, iters, batch_size, FLAGS.repeats, impl)
-            print(f'  {model} {mode} {dtype} {row["conv"]} conv' +
+            row = time_model(model, mode, dtype, iters, batch_size, FLAGS.repeats, impl, recipe)
+            print(f'  {model} ({recipe} recipe) {mode} {dtype} {row["conv"]} conv' +
                   (f' {iters} iterations' if iters else '') +
                   f', batch {batch_size}: {row["images_per_sec"]:.1f} images/s', flush=True)
             rows.append(row)

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 import jax
 
-from capsjax import conv, data, distributed, runtime, train
+from capsjax import conv, data, distributed, evaluate, runtime, train
 from capsjax.errors import InputError
 
 DEFAULTS = train.TrainConfig()
@@ -27,6 +27,20 @@ flags.DEFINE_float('lr_decay', DEFAULTS.lr_decay,
                    lower_bound=0, upper_bound=1)
 flags.DEFINE_integer('lr_decay_steps', DEFAULTS.lr_decay_steps, 'Steps per --lr_decay.',
                      lower_bound=1)
+flags.DEFINE_enum('lr_schedule', DEFAULTS.lr_schedule, train.LR_SCHEDULES,
+                  "exponential (the paper's, by --lr_decay) or cosine (a linear warm-up over "
+                  '--warmup_epochs, then a cosine decay to 0 at the last epoch\'s end; such a '
+                  'run resumes only with the same --epochs).')
+flags.DEFINE_float('warmup_epochs', DEFAULTS.warmup_epochs,
+                   'Epochs of linear learning rate warm-up (cosine schedule).', lower_bound=0)
+flags.DEFINE_float('ema_decay', DEFAULTS.ema_decay,
+                   'Evaluate an exponential moving average of the weights with this decay '
+                   '(0: the trained weights).', lower_bound=0, upper_bound=0.999999)
+flags.DEFINE_enum('recipe', 'paper', sorted(train.RECIPES),
+                  'A named recipe, setting the flags it lists that the command line does not: '
+                  + '; '.join(f'{name}: ' + (', '.join(f'--{k}={v}' for k, v in values.items())
+                                             or 'the defaults')
+                              for name, values in train.RECIPES.items()) + '.')
 flags.DEFINE_float('recon_weight', DEFAULTS.recon_weight,
                    'Weight of the reconstruction loss; 0 drops the decoder.', lower_bound=0)
 flags.DEFINE_integer('shift_pixels', DEFAULTS.shift_pixels,
@@ -58,6 +72,10 @@ flags.DEFINE_string('data_dir', None,
 flags.DEFINE_enum('dataset', 'mnist', sorted(data.DATASETS), 'Dataset.')
 flags.DEFINE_string('workdir', None, "The run's folder: run.json, metrics, checkpoints, pictures.")
 flags.DEFINE_bool('eval_only', False, 'Evaluate the latest checkpoint in --workdir and stop.')
+flags.DEFINE_string('eval_file', None,
+                    'Evaluate the latest checkpoint in --workdir on this .npz (image uint8 '
+                    '[N, H, W] or [N, H, W, C], label int [N]), print its accuracy, write it to '
+                    '--workdir/eval_NAME.json, and stop.')
 flags.DEFINE_float('progress_seconds', 20.0, 'Seconds between progress lines within an epoch.')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for a run over several processes (hosts), with '
@@ -82,6 +100,9 @@ def say(message):
 def config_from_flags(dataset, **overrides):
   """The `train.TrainConfig` the flags give for `dataset`, with `overrides` applied.
 
+  A field that --recipe sets takes the recipe's value unless its flag was given
+  on the command line.
+
   Args:
     dataset: a `capsjax.data.Dataset` (its image shape and class count are used).
     **overrides: TrainConfig fields to set regardless of the flags.
@@ -89,8 +110,10 @@ def config_from_flags(dataset, **overrides):
   Returns:
     A `train.TrainConfig`.
   """
-  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(train.TrainConfig)
-            if f.name in FLAGS}
+  recipe = train.RECIPES[FLAGS.recipe]
+  values = {f.name: recipe[f.name] if f.name in recipe and not FLAGS[f.name].present
+            else FLAGS[f.name].value
+            for f in dataclasses.fields(train.TrainConfig) if f.name in FLAGS}
   values.update({'image_shape': dataset.train_images.shape[1:],
                  'num_classes': dataset.num_classes, **overrides})
   return train.TrainConfig(**values)
@@ -103,6 +126,8 @@ def load_data():
 
 def run_main(body):
   """absl main for an experiment: set up the process, run `body()`, report input errors.
+
+  With --eval_file, the run in --workdir is evaluated on that file instead of `body()`.
 
   Set-up is joining the run's other processes (see `capsjax.distributed`), or
   for a single process a restart onto huge pages (see `capsjax.runtime`). An `InputError` (bad flags, data, workdir; divergence) ends the process with
@@ -120,7 +145,10 @@ def run_main(body):
       runtime.restart_with_huge_pages()
     try:
       distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-      body()
+      if FLAGS.eval_file:
+        evaluate.evaluate_file(FLAGS.workdir, FLAGS.eval_file, log=say)
+      else:
+        body()
     except InputError as e:
       sys.exit(f'error: {e}')
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import data, interpret, loop, visualize
+from capsjax import data, interpret, loop, train, visualize
 from capsjax.errors import InputError
 from experiments import common
 
@@ -78,7 +78,7 @@ def main():
   images = jnp.asarray(dataset.test_images[:FLAGS.digits], jnp.float32) / 255.0
   if not common.is_writer():
     return
-  sheet, figure, predictions = draw(config, state.params, images, labels, FLAGS.workdir,
+  sheet, figure, predictions = draw(config, train.evaluation_params(state), images, labels, FLAGS.workdir,
                                     f'{FLAGS.workdir}, epoch {identity["epoch"]}')
   common.say(f'Wrote {sheet} and {figure} for {FLAGS.digits} test digits '
              f'({int(np.sum(predictions == labels))} predicted right).')

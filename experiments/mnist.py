@@ -43,7 +43,7 @@ def reconstruction_pictures(dataset, workdir):
   path = os.path.join(workdir, 'reconstructions.png')
 
   def draw(state):
-    out = jax.jit(state.apply_fn)({'params': state.params}, images)
+    out = jax.jit(state.apply_fn)({'params': train.evaluation_params(state)}, images)
     predictions = np.asarray(jnp.argmax(out.lengths, axis=-1))
     reconstruction_grid(np.asarray(images), np.asarray(out.reconstructions), labels,
                         predictions, path)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import loop, multimnist
+from capsjax import loop, multimnist, train
 from capsjax.errors import InputError
 from capsjax.visualize import pair_sheet
 from experiments import common
@@ -35,7 +35,7 @@ FLAGS.set_default('workdir', 'runs/multimnist')
 flags.DEFINE_integer('test_seed', 0, 'Seed of the generated test set.')
 flags.DEFINE_string('export', None,
                     'Write the test set (--test_examples pairs, 0: 10,000) to this .npz and stop: '
-                    'image uint8 [N, 36, 36, 1], labels [N, 2], digits uint8 [N, 2, 36, 36, 1], '
+                    'image uint8 [N, 36, 36, 1], label [N, 2], digits uint8 [N, 2, 36, 36, 1], '
                     'shifts [N, 2, 2] (dy, dx), indices [N, 2] into the MNIST test split.')
 
 PICTURE_POOL = 256  # test pairs searched for right and wrong examples to draw
@@ -61,9 +61,10 @@ def figure5(dataset, make_batch, config, workdir):
   apply = jax.jit(model.apply)
 
   def draw(state):
-    lengths = apply({'params': state.params}, batch['image']).lengths
+    params = train.evaluation_params(state)
+    lengths = apply({'params': params}, batch['image']).lengths
     predictions = multimnist.top2(lengths)
-    decode = lambda classes: apply({'params': state.params}, batch['image'], jax.nn.one_hot(
+    decode = lambda classes: apply({'params': params}, batch['image'], jax.nn.one_hot(
         classes, model.num_classes)).reconstructions
     true, predicted, right = jax.device_get((decode(batch['label']), decode(predictions),
                                              multimnist.pair_metrics(lengths, batch['label'])))

@@ -58,17 +58,19 @@ def test_benchmark_run_writes_its_table(tmp_path):
   out = tmp_path / 'bench.json'
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmark', '--batch_sizes=2', '--routing_iters=1',
-       '--dtypes=float32', '--repeats=2', '--routing_batch=2', f'--json={out}'],
+       '--dtypes=float32', '--repeats=2', '--routing_batch=2', '--recipes=paper,fast',
+       f'--json={out}'],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
-  assert [(r['mode'], r['batch'], r['routing_iters']) for r in result['model']] == [
-      ('train', 2, 1), ('infer', 2, 1)]
+  assert [(r['mode'], r['recipe'], r['batch'], r['routing_iters'])
+          for r in result['model']] == [
+      ('train', 'paper', 2, 1), ('train', 'fast', 2, 1), ('infer', 'paper', 2, 1)]
   for row in result['model']:
     assert row['images_per_sec'] == pytest.approx(2 / (row['ms'] / 1e3))
     assert row['matmul_fraction'] == pytest.approx(row['gflops'] / row['matmul_gflops'])
     assert 0 < row['matmul_fraction'] < 1.5 and row['peak_mb'] > 0
-  train_row, infer_row = result['model']
+  train_row, _, infer_row = result['model']
   assert train_row['peak_mb'] > infer_row['peak_mb']  # gradients and Adam moments
   (routing,) = result['routing']
   assert routing['speedup'] == pytest.approx(routing['python_unrolled_ms'] / routing['capsjax_ms'])

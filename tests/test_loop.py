@@ -89,7 +89,7 @@ def dataset(data_dir):
 class ExplodesInEpoch2(train.TrainConfig):
   """The learning rate jumps to 1e30 at the first step of epoch 2 (optimizer count 4)."""
 
-  def learning_rate_schedule(self):
+  def learning_rate_schedule(self, steps_per_epoch=None):
     return optax.piecewise_constant_schedule(self.learning_rate, {4: 1e33})
 
 

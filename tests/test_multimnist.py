@@ -197,14 +197,29 @@ def test_command_trains_draws_and_exports(tmp_path, mnist_dir):
   assert picture.size[0] > 1000
 
   path = str(tmp_path / 'pairs.npz')
-  exported = run(f'--data_dir={mnist_dir}', f'--export={path}', '--test_examples=50')
+  exported = run(f'--data_dir={mnist_dir}', f'--export={path}', '--test_examples=96')
   assert exported.returncode == 0, exported.stderr[-3000:]
   with np.load(path) as f:
-    assert f['image'].shape == (50, 36, 36, 1) and f['image'].dtype == np.uint8
-    assert f['digits'].shape == (50, 2, 36, 36, 1) and f['labels'].shape == (50, 2)
-    assert f['shifts'].shape == (50, 2, 2)
+    assert f['image'].shape == (96, 36, 36, 1) and f['image'].dtype == np.uint8
+    assert f['digits'].shape == (96, 2, 36, 36, 1) and f['label'].shape == (96, 2)
+    assert f['shifts'].shape == (96, 2, 2)
     np.testing.assert_array_equal(f['image'], np.minimum(f['digits'].astype(int).sum(1), 255))
-    assert np.all(f['labels'][:, 0] != f['labels'][:, 1])
+    assert np.all(f['label'][:, 0] != f['label'][:, 1])
+  # --eval_file scores the exported pairs with the run's own loss, digits and all.
+  evaluated = run(f'--eval_file={path}', f'--workdir={workdir}')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  with open(os.path.join(workdir, 'eval_pairs.json')) as f:
+    result = json.load(f)
+  _, state, _ = loop.load_run(workdir, multimnist.multimnist_losses)
+  with np.load(path) as f:
+    batch = {'image': jnp.asarray(f['image'], jnp.float32) / 255.0,
+             'digits': jnp.asarray(f['digits'], jnp.float32) / 255.0,
+             'label': jnp.asarray(f['label'], jnp.int32)}
+  terms = jax.jit(multimnist.multimnist_losses, static_argnums=3)(
+      state, train.evaluation_params(state), batch, False, None)
+  assert result['examples'] == 96
+  for term in ('accuracy', 'digit_accuracy', 'loss', 'reconstruction_loss'):
+    assert result[term] == pytest.approx(float(np.mean(terms[term])), rel=1e-4), term
 
 
 def test_shift_pixels_is_refused(tmp_path, mnist_dir):

@@ -1,0 +1,148 @@
+"""Evaluate a trained run on a file of examples: how does the model do on *my* digits?
+
+A file is an .npz holding 'image': uint8 [N, H, W] or [N, H, W, C], pixels 0..255,
+and 'label': int [N], class indices; a MultiMNIST run reads 'label' int [N, 2] and
+'digits' uint8 [N, 2, H, W, C] too (what `experiments.multimnist --export` writes).
+Every experiment takes such a file as --eval_file (see `experiments.common`).
+"""
+
+import datetime
+import hashlib
+import os
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capsjax import loop, multimnist, train
+from capsjax.errors import InputError
+
+# A run's loss function, by the name run.json records, and the arrays it reads
+# from a file besides 'image' and 'label'.
+LOSSES = {
+    'classification_losses': (train.classification_losses, ()),
+    'multimnist_losses': (multimnist.multimnist_losses, ('digits',)),
+}
+
+
+def _with_channels(array, name, path, count, shape):
+  if array.ndim == len(shape) and shape[-1] == 1:  # [N, H, W]: one channel
+    array = array[..., None]
+  if array.shape[1:] != tuple(shape):
+    raise InputError(f'{path}: {name!r} holds {count} of {array.shape[1:]} but the run was '
+                     f'trained on {tuple(shape)}; give images of that size and channels.')
+  return array
+
+
+def read_eval_file(path, config, extra_keys=()):
+  """The arrays of an evaluation file, checked against a run's config.
+
+  Args:
+    path: an .npz file (see the module docstring).
+    config: the run's `train.TrainConfig` (image_shape, num_classes).
+    extra_keys: further uint8 image arrays the run's loss reads ('digits').
+
+  Returns:
+    dict: 'image' uint8 [N, H, W, C], 'label' int32 [N] (or [N, 2]) and the extra
+    keys, as NumPy arrays.
+
+  Raises:
+    InputError: naming the file, what is wrong (not an .npz, a missing key, a
+      dtype, a size, labels out of range) and what the file must hold.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {name: f[name] for name in f.files}
+  except FileNotFoundError:
+    raise InputError(f'--eval_file={path}: no such file.') from None
+  except (zipfile.BadZipFile, ValueError, OSError) as e:
+    raise InputError(f'{path} is not an .npz of arrays ({e}); write one with '
+                     f"numpy.savez(path, image=..., label=...).") from None
+  missing = [name for name in ('image', 'label', *extra_keys) if name not in arrays]
+  if missing:
+    raise InputError(f'{path} lacks {", ".join(map(repr, missing))} (it holds '
+                     f'{sorted(arrays) or "nothing"}); an evaluation file holds image uint8 '
+                     f'[N, H, W] or [N, H, W, C] and label int [N].')
+  images, labels = arrays['image'], arrays['label']
+  count = len(images)
+  if not count:
+    raise InputError(f'{path}: no examples to evaluate.')
+  for name in ('image', *extra_keys):
+    if arrays[name].dtype != np.uint8:
+      raise InputError(f'{path}: {name!r} is {arrays[name].dtype}; give uint8 pixels 0..255.')
+    if len(arrays[name]) != count:
+      raise InputError(f'{path}: {name!r} holds {len(arrays[name])} examples, image {count}.')
+  result = {'image': _with_channels(images, 'image', path, count, config.image_shape)}
+  for name in extra_keys:
+    result[name] = _with_channels(arrays[name], name, path, count,
+                                  (arrays[name].shape[1], *config.image_shape))
+  if not np.issubdtype(labels.dtype, np.integer) or len(labels) != count:
+    raise InputError(f'{path}: label is {labels.dtype} {labels.shape}; give {count} integer '
+                     f'class indices.')
+  if labels.min() < 0 or labels.max() >= config.num_classes:
+    raise InputError(f'{path}: labels lie in [{labels.min()}, {labels.max()}]; the run has '
+                     f'{config.num_classes} classes, 0 to {config.num_classes - 1}.')
+  result['label'] = labels.astype(np.int32)
+  return result
+
+
+def _gather(arrays, labels, indices, key=None):
+  """A `train.pmap_steps` batch maker over a dict of uint8 arrays."""
+  del key
+  return {**{name: array[indices].astype(jnp.float32) / 255.0 for name, array in arrays.items()},
+          'label': labels[indices]}
+
+
+def _sha256(path):
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def result_path(workdir, path):
+  """Where `evaluate_file` writes its JSON: WORKDIR/eval_<file name without .npz>.json."""
+  return os.path.join(workdir, f'eval_{os.path.splitext(os.path.basename(path))[0]}.json')
+
+
+def evaluate_file(workdir, path, log=print):
+  """Evaluate the latest checkpoint of the run in `workdir` on the examples in `path`.
+
+  The run's own loss function scores them, at `train.evaluation_params` (the
+  EMA when the run keeps one), over every device. The result is printed and
+  written to `result_path(workdir, path)`; nothing is written if anything fails.
+
+  Args:
+    workdir: a trained run's folder.
+    path: an .npz evaluation file (see the module docstring).
+    log: called with the result line.
+
+  Returns:
+    dict: 'file', 'file_sha256', 'examples', 'epoch', 'step', and the mean of
+    every term of the loss ('accuracy', 'loss', ...), 'error'.
+  """
+  identity = loop.load_run_identity(workdir)
+  if identity['loss'] not in LOSSES:
+    raise InputError(f'{workdir}: its loss {identity["loss"]!r} is none of {sorted(LOSSES)}.')
+  loss_fn, extra_keys = LOSSES[identity['loss']]
+  arrays = read_eval_file(path, loop.config_from_identity(identity), extra_keys)
+  config, state, identity = loop.load_run(workdir, loss_fn)
+  labels = arrays.pop('label')
+  count, devices = len(labels), jax.device_count()
+  batch_size = -(-config.batch_size // devices) * devices
+  _, p_eval = train.pmap_steps(make_batch=_gather)
+  put = train.replicate
+  means = loop.evaluate(p_eval, put(state), put(jax.tree.map(jnp.asarray, arrays)),
+                        put(jnp.asarray(labels)), count, batch_size)
+  result = {'file': os.path.abspath(path), 'file_sha256': _sha256(path), 'examples': count,
+            'workdir': os.path.abspath(workdir), 'epoch': identity['epoch'],
+            'step': int(state.step), **means, 'error': 1.0 - means['accuracy'],
+            'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+  out = result_path(workdir, path)
+  if jax.process_index() == 0:
+    loop.write_json(out, result)
+  log(f'{path}: accuracy {100 * means["accuracy"]:.2f}% (error {100 * result["error"]:.2f}%) '
+      f'on {count} examples, checkpoint of epoch {identity["epoch"]} of {workdir}; wrote {out}.')
+  return result
