@@ -17,12 +17,18 @@ class BaselineCNN(nn.Module):
   images means SAME padding and no pooling. It gives no dropout rate: ours is
   `dropout_rate`, 0.5 by default, on the 192-unit layer's output.
 
+  For larger images (the 40x40 canvas of the affine experiment) `pool` max-pools
+  the last convolution's output, so the first fully connected layer (most of the
+  parameters) stays near the paper's size.
+
   Attributes:
     num_classes: output logits.
     conv_features: channels of the convolutions.
     kernel_size: their square kernel side.
     hidden: widths of the hidden fully connected layers.
     dropout_rate: dropped fraction of the last hidden layer's units in training.
+    pool: window and stride of a max pooling after the last convolution (1: none,
+      the paper's).
     conv_impl: 'auto' (by platform), 'matmul' (fast on CPU) or 'xla', see
       `capsjax.conv.conv2d`.
     dtype: compute dtype; parameters stay float32 and logits are returned in
@@ -33,6 +39,7 @@ class BaselineCNN(nn.Module):
   kernel_size: int = 5
   hidden: Sequence[int] = (328, 192)
   dropout_rate: float = 0.5
+  pool: int = 1
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
@@ -52,6 +59,8 @@ class BaselineCNN(nn.Module):
     for i, features in enumerate(self.conv_features):
       x = nn.relu(Conv2D(features, self.kernel_size, 1, self.conv_impl, self.dtype,
                          padding='SAME', name=f'conv{i + 1}')(x))
+    if self.pool > 1:
+      x = nn.max_pool(x, (self.pool, self.pool), strides=(self.pool, self.pool))
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
       x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{i + 1}')(x))

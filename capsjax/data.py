@@ -195,6 +195,18 @@ def known_dataset(directory):
               None)
 
 
+def save_npz(path, arrays):
+  """Write arrays to a compressed .npz atomically (a reader never sees half a file).
+
+  Args:
+    path: the .npz file.
+    arrays: dict of name -> array-like.
+  """
+  partial = path + '.partial.npz'
+  np.savez_compressed(partial, **{name: np.asarray(value) for name, value in arrays.items()})
+  os.replace(partial, path)
+
+
 def _sha256(path):
   return hashlib.sha256(_read_bytes(path)).hexdigest()
 

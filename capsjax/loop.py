@@ -321,8 +321,8 @@ def _model_words(config):
 
 def train_and_evaluate(config, dataset, workdir, *, dataset_name,
                        loss_fn=train.classification_losses, train_examples=0, test_examples=0,
-                       validation_examples=0, make_batch=train.take_batch, settings=None,
-                       eval_only=False, pictures=None, progress_seconds=20.0, log=print):
+                       validation_examples=0, make_batch=train.take_batch, more_tests=None,
+                       settings=None, eval_only=False, pictures=None, progress_seconds=20.0, log=print):
   """Train `config` on `dataset` in `workdir` (resuming what is there), or evaluate it.
 
   Args:
@@ -334,6 +334,10 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
     train_examples, test_examples: use the first N of each split (0: all).
     validation_examples: hold out the last N training examples (0: none) and
       evaluate them every epoch as 'validation_*', to choose settings by.
+    more_tests: dict of name -> (uint8 images [N, *config.image_shape], int labels
+      [N]): further test sets, evaluated every epoch as they are (no make_batch)
+      and recorded as '{name}_*' (the affine test digits, say); their identity
+      is part of the run's.
     make_batch: builds a batch on the device from the dataset's arrays (see
       `train.pmap_steps`); its images must be of config.image_shape.
     settings: dict of further JSON values that define the run (a generated test
@@ -369,12 +373,21 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
       dataset.train_images, dataset.train_labels, validation_examples, train_examples)
   test_x, test_y = _first(dataset.test_images, test_examples), _first(
       dataset.test_labels, test_examples)
-  held_out = {'validation': (valid_x, valid_y)} if validation_examples else {}
-  held_out['test'] = (test_x, test_y)
+  # name -> (images, labels, whether they go through make_batch)
+  held_out = {'validation': (valid_x, valid_y, True)} if validation_examples else {}
+  held_out['test'] = (test_x, test_y, True)
+  for name, (images, labels) in (more_tests or {}).items():
+    if name in held_out or name == 'train':
+      raise InputError(f'more_tests: {name!r} is taken by a split of the dataset.')
+    if tuple(images.shape[1:]) != tuple(config.image_shape):
+      raise InputError(f'the {name} test set holds {tuple(images.shape[1:])} images; the '
+                       f'config is for {tuple(config.image_shape)}.')
+    held_out[name] = (images, labels, False)
   if len(train_x) < config.batch_size and not eval_only:
     raise InputError(f'{len(train_x)} training examples are fewer than one batch of '
                      f'{config.batch_size}; lower --batch_size or raise --train_examples.')
-  for split, labels in (('training', train_y), *((name, y) for name, (_, y) in held_out.items())):
+  for split, labels in (('training', train_y),
+                        *((name, y) for name, (_, y, _) in held_out.items())):
     data.check_labels(labels, config.num_classes, f'{dataset.source} ({split} split)')
 
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
@@ -385,6 +398,9 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
                                            dataset.test_images, dataset.test_labels),
                           len(train_x), len(test_x), loss_fn, validation_examples)
   identity.update(settings or {})
+  if more_tests:  # absent when none: runs from before more_tests still resume
+    identity['more_tests'] = {name: data_fingerprint(*arrays)
+                              for name, arrays in sorted(more_tests.items())}
   run_file = os.path.join(workdir, RUN_FILE)
   with Checkpointer(checkpoint_dir) as checkpointer:
     start_epoch = checkpointer.latest_epoch()
@@ -412,10 +428,12 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
         + (f' over {jax.process_count()} processes' if jax.process_count() > 1 else '')
         + f'; global batch {config.batch_size}; {_model_words(config)}; {config.dtype}.')
     p_train, p_eval = train.pmap_steps(make_batch=make_batch)
+    p_eval_as_is = train.pmap_steps()[1] if more_tests else None
     put = train.replicate
     train_images, train_labels = put(jnp.asarray(train_x)), put(jnp.asarray(train_y))
-    held_out_on_devices = {name: (put(jnp.asarray(x)), put(jnp.asarray(y)), len(x))
-                           for name, (x, y) in held_out.items()}
+    held_out_on_devices = {
+        name: (put(jnp.asarray(x)), put(jnp.asarray(y)), len(x), p_eval if made else p_eval_as_is)
+        for name, (x, y, made) in held_out.items()}
     replicated = put(state)
     schedule = config.learning_rate_schedule(steps_per_epoch)
 
@@ -424,13 +442,13 @@ def train_and_evaluate(config, dataset, workdir, *, dataset_name,
     raw = ('validation',) if config.ema_decay and validation_examples else ()
 
     def evaluate_held_out(replicated):
-      """'{split}_{term}' means and '{split}_error' of the validation and test splits."""
+      """'{split}_{term}' means and '{split}_error' of the validation and test sets."""
       record = {}
       evaluations = [(name, name, replicated) for name in held_out_on_devices]
       evaluations += [(f'{name}_raw', name, replicated.replace(ema=None)) for name in raw]
       for key, name, evaluated in evaluations:
-        images, labels, count = held_out_on_devices[name]
-        means = evaluate(p_eval, evaluated, images, labels, count, config.batch_size)
+        images, labels, count, evaluator = held_out_on_devices[name]
+        means = evaluate(evaluator, evaluated, images, labels, count, config.batch_size)
         record.update({f'{key}_{term}': value for term, value in means.items()})
         record[f'{key}_error'] = 1.0 - means['accuracy']
       return record

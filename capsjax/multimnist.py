@@ -16,13 +16,11 @@ Predictions are the two longest class capsules (ties go to the lower class, as
 classes.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from capsjax.augment import random_shifts, shift_images
+from capsjax.data import save_npz
 from capsjax.losses import margin_loss, reconstruction_loss
 
 PAD = 4
@@ -189,7 +187,4 @@ def export(path, pairs):
     path: the .npz file; written under a temporary name and renamed.
     pairs: `make_pairs`' output (on the host or device).
   """
-  arrays = {name: np.asarray(value) for name, value in jax.device_get(pairs).items()}
-  partial = path + '.partial.npz'
-  np.savez_compressed(partial, **arrays)
-  os.replace(partial, path)
+  save_npz(path, jax.device_get(pairs))

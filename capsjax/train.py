@@ -45,7 +45,8 @@ class TrainConfig:
   """Everything a training run is configured by; the defaults are the paper's MNIST recipe.
 
   model: 'capsnet' (reads routing_iters, recon_weight and the capsule sizes) or
-    'baseline' (the paper's CNN; reads dropout_rate).
+    'baseline' (the paper's CNN; reads dropout_rate, baseline_conv3_features and
+    baseline_pool, see `BaselineCNN`).
   lr_schedule: 'exponential', the paper's lr * lr_decay ** (step / lr_decay_steps),
     or 'cosine': a linear warm-up from 0 to learning_rate over warmup_epochs, then
     a cosine decay to 0 at the end of the last epoch (its length is the run's).
@@ -76,6 +77,8 @@ class TrainConfig:
   primary_dim: int = 8
   digit_dim: int = 16
   dropout_rate: float = 0.5
+  baseline_conv3_features: int = 128
+  baseline_pool: int = 1
 
   def build_model(self):
     """The Flax module this config trains: a `CapsNet` or a `BaselineCNN`."""
@@ -83,7 +86,9 @@ class TrainConfig:
       raise InputError(f'dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.')
     if self.model == 'baseline':
       return BaselineCNN(num_classes=self.num_classes, dropout_rate=self.dropout_rate,
-                         conv_impl=self.conv_impl, dtype=DTYPES[self.dtype])
+                         conv_features=(256, 256, self.baseline_conv3_features),
+                         pool=self.baseline_pool, conv_impl=self.conv_impl,
+                         dtype=DTYPES[self.dtype])
     if self.model != 'capsnet':
       raise InputError(f'model must be one of {MODELS}, got {self.model!r}.')
     return CapsNet(num_classes=self.num_classes, conv_features=self.conv_features,

@@ -253,7 +253,8 @@ _CURVE_PANELS = (
                             ('validation_accuracy', 'validation', _error_percent),
                             ('validation_raw_accuracy', 'validation, trained weights '
                              '(not their EMA)', _error_percent),
-                            ('test_accuracy', 'test', _error_percent))),
+                            ('test_accuracy', 'test', _error_percent),
+                            ('affine_accuracy', 'affine test', _error_percent))),
     ('Learning rate', 'learning rate', (('learning_rate', 'at epoch end', None),)),
 )
 

@@ -59,6 +59,11 @@ flags.DEFINE_integer('primary_dim', DEFAULTS.primary_dim, 'Primary capsule dimen
 flags.DEFINE_integer('digit_dim', DEFAULTS.digit_dim, 'Class capsule dimension.', lower_bound=1)
 flags.DEFINE_float('dropout_rate', DEFAULTS.dropout_rate, "Baseline CNN's dropout rate.",
                    lower_bound=0, upper_bound=1)
+flags.DEFINE_integer('baseline_conv3_features', DEFAULTS.baseline_conv3_features,
+                     "Channels of the baseline CNN's third convolution.", lower_bound=1)
+flags.DEFINE_integer('baseline_pool', DEFAULTS.baseline_pool,
+                     "Max pooling window and stride after the baseline CNN's last convolution "
+                     "(1: none, the paper's).", lower_bound=1)
 
 flags.DEFINE_integer('train_examples', 0, 'Train on the first N examples (0: all).', lower_bound=0)
 flags.DEFINE_integer('validation_examples', 0,
@@ -76,6 +81,11 @@ flags.DEFINE_string('eval_file', None,
                     'Evaluate the latest checkpoint in --workdir on this .npz (image uint8 '
                     '[N, H, W] or [N, H, W, C], label int [N]), print its accuracy, write it to '
                     '--workdir/eval_NAME.json, and stop.')
+flags.DEFINE_integer('test_seed', 0,
+                     'Seed of a generated test set (MultiMNIST pairs, placed and affine digits).')
+flags.DEFINE_string('export', None,
+                    'Write the generated test set (--test_examples source digits, 0: all) to '
+                    'this .npz and stop (experiments whose test set is generated).')
 flags.DEFINE_float('progress_seconds', 20.0, 'Seconds between progress lines within an epoch.')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for a run over several processes (hosts), with '
@@ -130,8 +140,9 @@ def run_main(body):
   With --eval_file, the run in --workdir is evaluated on that file instead of `body()`.
 
   Set-up is joining the run's other processes (see `capsjax.distributed`), or
-  for a single process a restart onto huge pages (see `capsjax.runtime`). An `InputError` (bad flags, data, workdir; divergence) ends the process with
-  one line on stderr and exit status 1; anything else keeps its traceback.
+  for a single process a restart onto huge pages (see `capsjax.runtime`). An
+  `InputError` (bad flags, data, workdir; divergence) ends the process with one
+  line on stderr and exit status 1; anything else keeps its traceback.
   """
 
   def main(argv):

@@ -78,8 +78,8 @@ def main():
   images = jnp.asarray(dataset.test_images[:FLAGS.digits], jnp.float32) / 255.0
   if not common.is_writer():
     return
-  sheet, figure, predictions = draw(config, train.evaluation_params(state), images, labels, FLAGS.workdir,
-                                    f'{FLAGS.workdir}, epoch {identity["epoch"]}')
+  sheet, figure, predictions = draw(config, train.evaluation_params(state), images, labels,
+                                    FLAGS.workdir, f'{FLAGS.workdir}, epoch {identity["epoch"]}')
   common.say(f'Wrote {sheet} and {figure} for {FLAGS.digits} test digits '
              f'({int(np.sum(predictions == labels))} predicted right).')
 

@@ -32,11 +32,8 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 FLAGS.set_default('workdir', 'runs/multimnist')
-flags.DEFINE_integer('test_seed', 0, 'Seed of the generated test set.')
-flags.DEFINE_string('export', None,
-                    'Write the test set (--test_examples pairs, 0: 10,000) to this .npz and stop: '
-                    'image uint8 [N, 36, 36, 1], label [N, 2], digits uint8 [N, 2, 36, 36, 1], '
-                    'shifts [N, 2, 2] (dy, dx), indices [N, 2] into the MNIST test split.')
+# --export writes image uint8 [N, 36, 36, 1], label [N, 2], digits uint8 [N, 2, 36, 36, 1],
+# shifts [N, 2, 2] (dy, dx) and indices [N, 2] into the MNIST test split.
 
 PICTURE_POOL = 256  # test pairs searched for right and wrong examples to draw
 PICTURE_EACH = 8
