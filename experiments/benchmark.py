@@ -4,6 +4,8 @@
     python -m experiments.benchmark --batch_sizes=64 --dtypes=float32 --routing_iters=3
     python -m experiments.benchmark --models=capsnet,baseline --routing_iters=3
     python -m experiments.benchmark --recipes=paper,fast --batch_sizes=64,128 --modes=train
+    python -m experiments.benchmark --models=capsnet,baseline --image_size=40 \
+        --baseline_conv3_features=96 --baseline_pool=2 --routing_iters=3   # experiments.affine
 
 For each batch size, routing iterations, compute dtype and recipe (the fast
 one adds the moving average of the weights to the step) it times the jitted
@@ -52,6 +54,13 @@ flags.DEFINE_list('modes', ['train', 'infer'], 'train: the optimizer step; infer
 flags.DEFINE_list('recipes', ['paper'],
                   'Recipes (train.RECIPES) whose training step to time, each at every '
                   '--batch_sizes (inference is the same for all).')
+flags.DEFINE_integer('image_size', 28, 'Height and width of the (one-channel) images.',
+                     lower_bound=1)
+flags.DEFINE_integer('baseline_conv3_features', 128,
+                     "Channels of the baseline CNN's third convolution.", lower_bound=1)
+flags.DEFINE_integer('baseline_pool', 1,
+                     "Max pooling after the baseline CNN's last convolution (1: none).",
+                     lower_bound=1)
 flags.DEFINE_integer('repeats', 7, 'Timed calls per row (the median is reported).', lower_bound=1)
 flags.DEFINE_integer('routing_batch', 64, 'Batch of the routing-only table (0: skip it).',
                      lower_bound=0)
@@ -60,7 +69,8 @@ flags.DEFINE_string('json', 'bench/benchmark.json', 'Where to write the results.
 MATMUL_SIZE = 2048
 MATMUL_CHAIN = 8
 WARMUP_CALLS = 2
-TARGET_ROW = dict(recipe='paper', mode='train', dtype='float32', conv='matmul', routing_iters=3, batch=64)
+TARGET_ROW = dict(recipe='paper', image_size=28, mode='train', dtype='float32', conv='matmul',
+                  routing_iters=3, batch=64)
 CPU_TARGET_FRACTION = 0.45
 
 
@@ -124,7 +134,8 @@ def baseline_flops(config):
   for i, features in enumerate(model.conv_features):
     macs[f'conv{i + 1}'] = taps * channels * features
     channels = features
-  widths = (height * width * channels, *model.hidden, config.num_classes)
+  widths = ((height // model.pool) * (width // model.pool) * channels, *model.hidden,
+            config.num_classes)
   for i, (a, b) in enumerate(zip(widths, widths[1:])):
     macs[f'fc{i + 1}'] = a * b
   flops = {name: 2 * value for name, value in macs.items()}
@@ -218,7 +229,10 @@ def time_model(model, mode, dtype, routing_iters, batch_size, repeats, conv_impl
   """One row of the model table: times, rates and memory of a step."""
   config = train.TrainConfig(**{**train.RECIPES[recipe], 'model': model,
                                 'routing_iters': routing_iters, 'batch_size': batch_size,
-                                'dtype': dtype, 'conv_impl': conv_impl})
+                                'dtype': dtype, 'conv_impl': conv_impl,
+                                'image_shape': (FLAGS.image_size, FLAGS.image_size, 1),
+                                'baseline_conv3_features': FLAGS.baseline_conv3_features,
+                                'baseline_pool': FLAGS.baseline_pool})
   # The schedule's length changes its values, not the step's work.
   state = train.create_train_state(jax.random.PRNGKey(0), config, steps_per_epoch=1000)
   batch = random_batch(batch_size, config)
@@ -239,7 +253,7 @@ def time_model(model, mode, dtype, routing_iters, batch_size, repeats, conv_impl
   capsnet = model == 'capsnet'
   flops = flops_per_image(config)['train' if mode == 'train' else 'forward'] * batch_size
   gflops, matmul_gflops = flops / seconds / 1e9, matmul_flops / matmul_seconds / 1e9
-  return dict(model=model, recipe=recipe, mode=mode, dtype=dtype,
+  return dict(model=model, recipe=recipe, image_size=FLAGS.image_size, mode=mode, dtype=dtype,
               conv=conv.resolve_impl(conv_impl),
               routing_iters=routing_iters if capsnet else None, batch=batch_size,
               ms=1e3 * seconds, images_per_sec=batch_size / seconds, gflops=gflops,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import capsjax
+from capsjax import train
 from tests import reference
 from tests.conftest import REPO
 
@@ -78,6 +79,33 @@ def test_parameter_count_of_the_paper_baseline(paper_baseline):
                     'fc2': 63_168, 'logits': 1_930, 'total': 35_445_522}
   assert counts['total'] == conv1 + conv2 + conv3 + fc1 + fc2 + logits
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+
+
+def test_the_40x40_baseline_pools_to_a_parameter_count_near_capsnets():
+  config = train.TrainConfig(model='baseline', image_shape=(40, 40, 1),
+                             baseline_conv3_features=96, baseline_pool=2)
+  params = jax.eval_shape(lambda key: capsjax.init_params(config.build_model(), key,
+                                                          (40, 40, 1)), jax.random.PRNGKey(0))
+  counts = capsjax.parameter_counts(params)
+  # 40x40 SAME convolutions, pooled 2x2 to 20x20x96 features before fc1.
+  assert counts['conv3'] == 5 * 5 * 256 * 96 + 96
+  assert counts['fc1'] == 20 * 20 * 96 * 328 + 328
+  assert counts['total'] == 14_920_434  # CapsNet on 40x40: 13,475,648
+
+
+def test_pooling_takes_the_maximum_of_each_window():
+  model = capsjax.BaselineCNN(conv_features=(2,), hidden=(), pool=2, num_classes=1)
+  images = jax.random.uniform(jax.random.PRNGKey(3), (2, 6, 6, 1))
+  params = capsjax.init_params(model, jax.random.PRNGKey(0), (6, 6, 1))
+  is_conv = lambda module, method: isinstance(module, capsjax.Conv2D) and method == '__call__'
+  _, captured = model.apply({'params': params}, images, capture_intermediates=is_conv)
+  features = captured['intermediates']['conv1']['__call__'][0]
+  relu = np.maximum(np.asarray(features, np.float64), 0)
+  pooled = relu.reshape(2, 3, 2, 3, 2, 2).max(axis=(2, 4))  # 2x2 windows, stride 2
+  expected = pooled.reshape(2, -1) @ np.asarray(params['logits']['kernel'], np.float64) + \
+      np.asarray(params['logits']['bias'], np.float64)
+  np.testing.assert_allclose(model.apply({'params': params}, images), expected, rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_logits_shape_and_dtype(paper_baseline):

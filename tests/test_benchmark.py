@@ -36,13 +36,19 @@ def test_flops_of_the_baseline_by_hand():
   assert (flops['fc1'], flops['fc2'], flops['fc3']) == (
       2 * 28 * 28 * 128 * 328, 2 * 328 * 192, 2 * 192 * 10)
   assert flops['train'] == 3 * flops['forward'] - flops['conv1']
+  pooled = flops_per_image(train.TrainConfig(model='baseline', image_shape=(40, 40, 1),
+                                             baseline_conv3_features=96, baseline_pool=2))
+  assert pooled['conv3'] == 2 * (40 * 5 - 6) ** 2 * 256 * 96
+  assert pooled['fc1'] == 2 * 20 * 20 * 96 * 328  # after the 2x2 pooling
 
 
 @pytest.mark.parametrize('config', [
     train.TrainConfig(),
     train.TrainConfig(routing_iters=1, recon_weight=0.0, image_shape=(36, 36, 1), num_classes=5,
                       conv_features=64, primary_types=8),
-    train.TrainConfig(model='baseline', image_shape=(12, 12, 1))])
+    train.TrainConfig(model='baseline', image_shape=(12, 12, 1)),
+    train.TrainConfig(model='baseline', image_shape=(12, 12, 1), baseline_conv3_features=24,
+                      baseline_pool=2)])
 def test_flops_agree_with_xla_cost_analysis(config):
   # XLA counts from the compiled program (and adds the elementwise work the count leaves out).
   model = config.build_model().clone(conv_impl='xla')
