@@ -18,8 +18,8 @@ class BaselineCNN(nn.Module):
   `dropout_rate`, 0.5 by default, on the 192-unit layer's output.
 
   For larger images (the 40x40 canvas of the affine experiment) `pool` max-pools
-  the last convolution's output, so the first fully connected layer (most of the
-  parameters) stays near the paper's size.
+  the first convolution's output, so the later convolutions cost less and the
+  first fully connected layer (most of the parameters) stays near the paper's size.
 
   Attributes:
     num_classes: output logits.
@@ -27,7 +27,7 @@ class BaselineCNN(nn.Module):
     kernel_size: their square kernel side.
     hidden: widths of the hidden fully connected layers.
     dropout_rate: dropped fraction of the last hidden layer's units in training.
-    pool: window and stride of a max pooling after the last convolution (1: none,
+    pool: window and stride of a max pooling after the first convolution (1: none,
       the paper's).
     conv_impl: 'auto' (by platform), 'matmul' (fast on CPU) or 'xla', see
       `capsjax.conv.conv2d`.
@@ -59,8 +59,8 @@ class BaselineCNN(nn.Module):
     for i, features in enumerate(self.conv_features):
       x = nn.relu(Conv2D(features, self.kernel_size, 1, self.conv_impl, self.dtype,
                          padding='SAME', name=f'conv{i + 1}')(x))
-    if self.pool > 1:
-      x = nn.max_pool(x, (self.pool, self.pool), strides=(self.pool, self.pool))
+      if i == 0 and self.pool > 1:
+        x = nn.max_pool(x, (self.pool, self.pool), strides=(self.pool, self.pool))
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
       x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{i + 1}')(x))

@@ -14,10 +14,10 @@ transformed MNIST, generated"). metrics.jsonl holds 'test_*' (expanded MNIST) an
 'affine_*' per epoch; affine.png shows affine test digits, their reconstructions
 and predictions, wrong ones in red.
 
---model=baseline is the paper's CNN adapted to 40x40 inputs: a third convolution
-of 96 channels and a 2x2 max pool before the fully connected layers
-(--baseline_conv3_features=96 --baseline_pool=2 unless given), 14.9M parameters
-against CapsNet's 13.5M (the paper's 35.4M-parameter CNN would have 69.7M here).
+--model=baseline is the paper's CNN adapted to 40x40 inputs: a 2x2 max pool after
+the first convolution and 96 channels in the third (--baseline_pool=2
+--baseline_conv3_features=96 unless given), 14.9M parameters against CapsNet's
+13.5M (the paper's 35.4M-parameter CNN would have 69.7M here).
 
 --compare=DIR,DIR writes comparison.md and comparison.json to --workdir: for each
 run, the epoch of highest validation accuracy (train with --validation_examples)

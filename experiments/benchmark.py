@@ -59,7 +59,7 @@ flags.DEFINE_integer('image_size', 28, 'Height and width of the (one-channel) im
 flags.DEFINE_integer('baseline_conv3_features', 128,
                      "Channels of the baseline CNN's third convolution.", lower_bound=1)
 flags.DEFINE_integer('baseline_pool', 1,
-                     "Max pooling after the baseline CNN's last convolution (1: none).",
+                     "Max pooling after the baseline CNN's first convolution (1: none).",
                      lower_bound=1)
 flags.DEFINE_integer('repeats', 7, 'Timed calls per row (the median is reported).', lower_bound=1)
 flags.DEFINE_integer('routing_batch', 64, 'Batch of the routing-only table (0: skip it).',
@@ -127,15 +127,16 @@ def baseline_flops(config):
   model = config.build_model()
   height, width, channels = config.image_shape
   kernel, pad = model.kernel_size, model.kernel_size // 2
-  # SAME, stride 1: along an axis of n outputs, n * kernel taps less the p(p+1) that
-  # fall on the zero padding (which XLA does not count either).
-  taps = (kernel * height - pad * (pad + 1)) * (kernel * width - pad * (pad + 1))
   macs = {}
   for i, features in enumerate(model.conv_features):
+    # SAME, stride 1: along an axis of n outputs, n * kernel taps less the p(p+1) that
+    # fall on the zero padding (which XLA does not count either).
+    taps = (kernel * height - pad * (pad + 1)) * (kernel * width - pad * (pad + 1))
     macs[f'conv{i + 1}'] = taps * channels * features
     channels = features
-  widths = ((height // model.pool) * (width // model.pool) * channels, *model.hidden,
-            config.num_classes)
+    if i == 0:  # the optional pooling (its comparisons are not counted)
+      height, width = height // model.pool, width // model.pool
+  widths = (height * width * channels, *model.hidden, config.num_classes)
   for i, (a, b) in enumerate(zip(widths, widths[1:])):
     macs[f'fc{i + 1}'] = a * b
   flops = {name: 2 * value for name, value in macs.items()}

@@ -62,7 +62,7 @@ flags.DEFINE_float('dropout_rate', DEFAULTS.dropout_rate, "Baseline CNN's dropou
 flags.DEFINE_integer('baseline_conv3_features', DEFAULTS.baseline_conv3_features,
                      "Channels of the baseline CNN's third convolution.", lower_bound=1)
 flags.DEFINE_integer('baseline_pool', DEFAULTS.baseline_pool,
-                     "Max pooling window and stride after the baseline CNN's last convolution "
+                     "Max pooling window and stride after the baseline CNN's first convolution "
                      "(1: none, the paper's).", lower_bound=1)
 
 flags.DEFINE_integer('train_examples', 0, 'Train on the first N examples (0: all).', lower_bound=0)

@@ -87,13 +87,13 @@ def test_the_40x40_baseline_pools_to_a_parameter_count_near_capsnets():
   params = jax.eval_shape(lambda key: capsjax.init_params(config.build_model(), key,
                                                           (40, 40, 1)), jax.random.PRNGKey(0))
   counts = capsjax.parameter_counts(params)
-  # 40x40 SAME convolutions, pooled 2x2 to 20x20x96 features before fc1.
+  # conv1 on 40x40, pooled 2x2: conv2 and conv3 on 20x20, so fc1 sees 20x20x96 features.
   assert counts['conv3'] == 5 * 5 * 256 * 96 + 96
   assert counts['fc1'] == 20 * 20 * 96 * 328 + 328
   assert counts['total'] == 14_920_434  # CapsNet on 40x40: 13,475,648
 
 
-def test_pooling_takes_the_maximum_of_each_window():
+def test_pooling_after_the_first_convolution_takes_the_maximum_of_each_window():
   model = capsjax.BaselineCNN(conv_features=(2,), hidden=(), pool=2, num_classes=1)
   images = jax.random.uniform(jax.random.PRNGKey(3), (2, 6, 6, 1))
   params = capsjax.init_params(model, jax.random.PRNGKey(0), (6, 6, 1))

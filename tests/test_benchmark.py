@@ -38,8 +38,9 @@ def test_flops_of_the_baseline_by_hand():
   assert flops['train'] == 3 * flops['forward'] - flops['conv1']
   pooled = flops_per_image(train.TrainConfig(model='baseline', image_shape=(40, 40, 1),
                                              baseline_conv3_features=96, baseline_pool=2))
-  assert pooled['conv3'] == 2 * (40 * 5 - 6) ** 2 * 256 * 96
-  assert pooled['fc1'] == 2 * 20 * 20 * 96 * 328  # after the 2x2 pooling
+  assert pooled['conv1'] == 2 * (40 * 5 - 6) ** 2 * 1 * 256
+  assert pooled['conv3'] == 2 * (20 * 5 - 6) ** 2 * 256 * 96  # after the 2x2 pooling
+  assert pooled['fc1'] == 2 * 20 * 20 * 96 * 328
 
 
 @pytest.mark.parametrize('config', [
