@@ -9,7 +9,8 @@ import dataclasses
 import json
 import math
 import os
-import types
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,32 +21,35 @@ import pytest
 from capsjax import data, loop, train
 from capsjax.checkpoint import Checkpointer
 from capsjax.errors import InputError
-from experiments import common
-from tests.conftest import write_dataset
+from tests.conftest import REPO, write_dataset
 from tests.test_loop import SMALL_FLAGS, run_cli, strict_records
 from tests.test_train import SMALL, fixed_batch
 
-MNIST_SHAPED = types.SimpleNamespace(train_images=np.zeros((1, 28, 28, 1), np.uint8),
-                                     num_classes=10)
 # The paper's model: what no recipe may change.
 MODEL_FIELDS = ('model', 'routing_iters', 'recon_weight', 'shift_pixels', 'conv_features',
                 'primary_types', 'primary_dim', 'digit_dim', 'image_shape', 'num_classes')
 
-
-@pytest.fixture
-def config_from_argv():
-  """config_from_flags after parsing a command line; the flags are reset afterwards."""
-
-  def parse(*argv):
-    common.FLAGS.unparse_flags()
-    common.FLAGS(['experiment', *argv])
-    return common.config_from_flags(MNIST_SHAPED)
-
-  yield parse
-  common.FLAGS.unparse_flags()
+CONFIG_SCRIPT = """
+import dataclasses, json, sys, types
+import numpy as np
+from experiments import common
+common.FLAGS(['experiment', *sys.argv[1:]])
+dataset = types.SimpleNamespace(train_images=np.zeros((1, 28, 28, 1), np.uint8), num_classes=10)
+print(json.dumps(dataclasses.asdict(common.config_from_flags(dataset))))
+"""
 
 
-def test_fast_recipe_sets_exactly_its_fields_and_keeps_the_model(config_from_argv):
+def config_from_argv(*argv):
+  """The TrainConfig experiments.common makes of a command line (in a process of its own:
+  the experiments' flags are global, and other test modules define some of them too)."""
+  proc = subprocess.run([sys.executable, '-c', CONFIG_SCRIPT, *argv], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  values = json.loads(proc.stdout.strip().splitlines()[-1])
+  return train.TrainConfig(**{**values, 'image_shape': tuple(values['image_shape'])})
+
+
+def test_fast_recipe_sets_exactly_its_fields_and_keeps_the_model():
   paper, fast = config_from_argv('--recipe=paper'), config_from_argv('--recipe=fast')
   assert paper == train.TrainConfig()
   assert fast == dataclasses.replace(paper, epochs=9, batch_size=64, learning_rate=2e-3,
@@ -56,7 +60,7 @@ def test_fast_recipe_sets_exactly_its_fields_and_keeps_the_model(config_from_arg
   assert not changed & set(MODEL_FIELDS)
 
 
-def test_flags_given_on_the_command_line_win_over_the_recipe(config_from_argv):
+def test_flags_given_on_the_command_line_win_over_the_recipe():
   config = config_from_argv('--recipe=fast', '--epochs=3', '--learning_rate=1e-3')
   assert (config.epochs, config.learning_rate) == (3, 1e-3)
   assert (config.lr_schedule, config.batch_size, config.ema_decay) == ('cosine', 64, 0.999)
