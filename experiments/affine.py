@@ -28,13 +28,9 @@ and its expanded MNIST and affine test accuracy, beside the paper's figures.
 import os
 
 from absl import flags
-import jax
-import jax.numpy as jnp
-import numpy as np
 
-from capsjax import affine, data, loop, train
+from capsjax import affine, data, loop
 from capsjax.errors import InputError
-from capsjax.visualize import reconstruction_grid
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -73,21 +69,6 @@ def affine_test_set(dataset):
   generated = affine.generate(dataset.test_images[:count], dataset.test_labels[:count],
                               FLAGS.affine_copies, FLAGS.test_seed)
   return affine.GENERATED_NAME, generated['image'], generated['label'], generated
-
-
-def affine_pictures(images, labels, workdir):
-  """A `pictures` callback: affine test digits, reconstructions and predictions."""
-  images = jnp.asarray(images[:PICTURE_EXAMPLES], jnp.float32) / 255.0
-  labels = labels[:PICTURE_EXAMPLES]
-  path = os.path.join(workdir, 'affine.png')
-
-  def draw(state):
-    out = jax.jit(state.apply_fn)({'params': train.evaluation_params(state)}, images)
-    predictions = np.asarray(jnp.argmax(out.lengths, axis=-1))
-    reconstruction_grid(np.asarray(images), np.asarray(out.reconstructions), labels,
-                        predictions, path)
-
-  return draw
 
 
 def chosen_epoch(workdir):
@@ -159,7 +140,9 @@ def main():
       make_batch=affine.batch_maker(FLAGS.test_seed), more_tests={'affine': (images, labels)},
       settings={'test_seed': FLAGS.test_seed, 'affine_test': name,
                 'affine_copies': None if FLAGS.affnist_dir else FLAGS.affine_copies},
-      pictures=affine_pictures(images, labels, FLAGS.workdir) if has_decoder else None,
+      pictures=common.reconstruction_pictures(
+          images[:PICTURE_EXAMPLES], labels[:PICTURE_EXAMPLES],
+          os.path.join(FLAGS.workdir, 'affine.png')) if has_decoder else None,
       progress_seconds=FLAGS.progress_seconds, log=common.say)
 
 

@@ -9,8 +9,10 @@ import sys
 
 from absl import app, flags, logging
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from capsjax import conv, data, distributed, evaluate, runtime, train
+from capsjax import conv, data, distributed, evaluate, runtime, train, visualize
 from capsjax.errors import InputError
 
 DEFAULTS = train.TrainConfig()
@@ -127,6 +129,28 @@ def config_from_flags(dataset, **overrides):
   values.update({'image_shape': dataset.train_images.shape[1:],
                  'num_classes': dataset.num_classes, **overrides})
   return train.TrainConfig(**values)
+
+
+def reconstruction_pictures(images, labels, path):
+  """A `pictures` callback for a CapsNet with a decoder: digits beside their reconstructions.
+
+  Args:
+    images: uint8 [N, H, W, 1], the digits to draw (N about 32).
+    labels: int [N].
+    path: the .png to write, captioned label and prediction, wrong ones in red.
+
+  Returns:
+    callable(state) that draws the picture with the state's evaluation parameters.
+  """
+  images = jnp.asarray(images, jnp.float32) / 255.0
+
+  def draw(state):
+    out = jax.jit(state.apply_fn)({'params': train.evaluation_params(state)}, images)
+    predictions = np.asarray(jnp.argmax(out.lengths, axis=-1))
+    visualize.reconstruction_grid(np.asarray(images), np.asarray(out.reconstructions), labels,
+                                  predictions, path)
+
+  return draw
 
 
 def load_data():

@@ -14,12 +14,8 @@ paper's random shifts run inside the jitted step.
 import os
 
 from absl import flags
-import jax
-import jax.numpy as jnp
-import numpy as np
 
 from capsjax import loop, train
-from capsjax.visualize import reconstruction_grid
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -38,17 +34,9 @@ def reconstruction_pictures(dataset, workdir):
   Returns:
     callable(state) that draws the picture.
   """
-  images = jnp.asarray(dataset.test_images[:PICTURE_EXAMPLES], jnp.float32) / 255.0
-  labels = dataset.test_labels[:PICTURE_EXAMPLES]
-  path = os.path.join(workdir, 'reconstructions.png')
-
-  def draw(state):
-    out = jax.jit(state.apply_fn)({'params': train.evaluation_params(state)}, images)
-    predictions = np.asarray(jnp.argmax(out.lengths, axis=-1))
-    reconstruction_grid(np.asarray(images), np.asarray(out.reconstructions), labels,
-                        predictions, path)
-
-  return draw
+  return common.reconstruction_pictures(dataset.test_images[:PICTURE_EXAMPLES],
+                                        dataset.test_labels[:PICTURE_EXAMPLES],
+                                        os.path.join(workdir, 'reconstructions.png'))
 
 
 def train_mnist(config, dataset, workdir, eval_only=False):
