@@ -150,7 +150,7 @@ def check_labels(labels, num_classes, where):
   """Raise DataError unless every label lies in [0, num_classes); `where` names the source."""
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise DataError(f'{where}: labels span {labels.min()}..{labels.max()}, outside '
-                    f'0..{num_classes - 1}.')
+                    f'0..{num_classes - 1}; give class indices of the {num_classes} classes.')
 
 
 def load_idx_dir(directory, num_classes=10, source=None):

@@ -15,15 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import loop, multimnist, train
+from capsjax import data, loop, multimnist, train
 from capsjax.errors import InputError
 
-# A run's loss function, by the name run.json records, and the arrays it reads
-# from a file besides 'image' and 'label'.
-LOSSES = {
-    'classification_losses': (train.classification_losses, ()),
-    'multimnist_losses': (multimnist.multimnist_losses, ('digits',)),
-}
+# The arrays a run's loss (by the name run.json records) reads from a file
+# besides 'image' and 'label'.
+EXTRA_KEYS = {multimnist.multimnist_losses.__name__: ('digits',)}
 
 
 def _with_channels(array, name, path, count, shape):
@@ -80,9 +77,7 @@ def read_eval_file(path, config, extra_keys=()):
   if not np.issubdtype(labels.dtype, np.integer) or len(labels) != count:
     raise InputError(f'{path}: label is {labels.dtype} {labels.shape}; give {count} integer '
                      f'class indices.')
-  if labels.min() < 0 or labels.max() >= config.num_classes:
-    raise InputError(f'{path}: labels lie in [{labels.min()}, {labels.max()}]; the run has '
-                     f'{config.num_classes} classes, 0 to {config.num_classes - 1}.')
+  data.check_labels(labels, config.num_classes, path)
   result['label'] = labels.astype(np.int32)
   return result
 
@@ -123,12 +118,8 @@ def evaluate_file(workdir, path, log=print):
     dict: 'file', 'file_sha256', 'examples', 'epoch', 'step', and the mean of
     every term of the loss ('accuracy', 'loss', ...), 'error'.
   """
-  identity = loop.load_run_identity(workdir)
-  if identity['loss'] not in LOSSES:
-    raise InputError(f'{workdir}: its loss {identity["loss"]!r} is none of {sorted(LOSSES)}.')
-  loss_fn, extra_keys = LOSSES[identity['loss']]
-  arrays = read_eval_file(path, loop.config_from_identity(identity), extra_keys)
-  config, state, identity = loop.load_run(workdir, loss_fn)
+  config, state, identity = loop.load_run(workdir)
+  arrays = read_eval_file(path, config, EXTRA_KEYS.get(identity['loss'], ()))
   labels = arrays.pop('label')
   count, devices = len(labels), jax.device_count()
   batch_size = -(-config.batch_size // devices) * devices

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import data, train, visualize
+from capsjax import data, multimnist, train, visualize
 from capsjax.checkpoint import Checkpointer
 from capsjax.errors import InputError
 
@@ -58,6 +58,10 @@ def data_fingerprint(*arrays):
     digest.update(f'{array.shape}{array.dtype}'.encode())
     digest.update(array.data)
   return digest.hexdigest()
+
+
+# The experiments' loss functions, by the name run.json records (`load_run`).
+LOSSES = {fn.__name__: fn for fn in (train.classification_losses, multimnist.multimnist_losses)}
 
 
 def run_identity(config, dataset_name, fingerprint, train_examples, test_examples, loss_fn,
@@ -537,22 +541,29 @@ def config_from_identity(identity):
   return train.TrainConfig(**{**values, 'image_shape': tuple(values['image_shape'])})
 
 
-def load_run(workdir, loss_fn=train.classification_losses):
+def load_run(workdir, loss_fn=None):
   """The settings and latest checkpointed state of the run in `workdir`.
 
   Args:
     workdir: a folder `train_and_evaluate` wrote.
-    loss_fn: the run's loss function (for the returned state).
+    loss_fn: the run's loss function; None: the one run.json names, if it is one
+      of `LOSSES` (give your own if you trained with another).
 
   Returns:
     (config, state, identity): the `train.TrainConfig`, the single-device
     `train.TrainState` of the latest checkpoint, and the `run_identity` dict
-    ('dataset', 'train_examples', ...), with 'epoch' added.
+    ('dataset', 'train_examples', 'loss', ...), with 'epoch' added.
 
   Raises:
-    InputError: no run or no complete checkpoint in workdir.
+    InputError: no run or no complete checkpoint in workdir, or a loss of its
+      own not given.
   """
   identity = load_run_identity(workdir)
+  if loss_fn is None:
+    if identity['loss'] not in LOSSES:
+      raise InputError(f'{workdir}: its loss {identity["loss"]!r} is none of {sorted(LOSSES)}; '
+                       f'pass it as load_run(workdir, loss_fn).')
+    loss_fn = LOSSES[identity['loss']]
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   config = config_from_identity(identity)
   with Checkpointer(checkpoint_dir) as checkpointer:

@@ -290,7 +290,7 @@ def test_loop_refuses_labels_out_of_range(dataset, tmp_path):
   bad = dataclasses.replace(dataset, train_labels=labels, source='by hand')
   workdir = tmp_path / 'run'
   with pytest.raises(InputError, match=re.escape('by hand (training split): labels span 0..10, '
-                                                 'outside 0..9.')):
+                                                 'outside 0..9; give class indices of the 10')):
     loop.train_and_evaluate(CONFIG, bad, str(workdir), dataset_name='mnist', log=lambda _: None)
   assert not workdir.exists()
 
@@ -310,7 +310,7 @@ def test_tfds_labels_out_of_range_stop_without_a_download(monkeypatch, tmp_path)
 
   monkeypatch.setattr(data, 'download', download)
   with pytest.raises(data.DataError, match=re.escape('tfds mnist train: labels span 0..12, '
-                                                     'outside 0..9.')):
+                                                     'outside 0..9; give class indices')):
     data.load_dataset('mnist', cache_dir=str(tmp_path), log=lambda _: None)
 
 
@@ -483,3 +483,17 @@ def test_validation_metrics_are_the_held_out_examples_evaluated(dataset, tmp_pat
       pytest.approx(record['validation_loss'])
   assert '16 validation (the last of the training split)' in lines[0]
   assert 'validation acc' in lines[-2]
+
+
+def test_load_run_needs_a_loss_of_ones_own_given(workdir):
+  run_file = os.path.join(workdir, loop.RUN_FILE)
+  with open(run_file) as f:
+    identity = json.load(f)
+  assert identity['loss'] == 'classification_losses'
+  _, found, _ = loop.load_run(workdir)
+  loop.write_json(run_file, {**identity, 'loss': 'my_losses'})
+  with pytest.raises(InputError, match=r"its loss 'my_losses' is none of .*pass it as "
+                                       r'load_run\(workdir, loss_fn\)'):
+    loop.load_run(workdir)
+  _, given, _ = loop.load_run(workdir, train.classification_losses)
+  jax.tree.map(np.testing.assert_array_equal, found.params, given.params)

@@ -210,7 +210,7 @@ def test_command_trains_draws_and_exports(tmp_path, mnist_dir):
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   with open(os.path.join(workdir, 'eval_pairs.json')) as f:
     result = json.load(f)
-  _, state, _ = loop.load_run(workdir, multimnist.multimnist_losses)
+  _, state, _ = loop.load_run(workdir)  # finds its loss by the name run.json records
   with np.load(path) as f:
     batch = {'image': jnp.asarray(f['image'], jnp.float32) / 255.0,
              'digits': jnp.asarray(f['digits'], jnp.float32) / 255.0,
