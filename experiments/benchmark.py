@@ -350,10 +350,11 @@ def main(argv):
   runtime.restart_with_huge_pages()
 
   device = jax.devices()[0]
-  flops = model_flops(train.TrainConfig())
+  size = FLAGS.image_size
+  flops = model_flops(train.TrainConfig(image_shape=(size, size, 1)))
   print(f'{device.device_kind} ({device.platform}, {jax.local_device_count()} device(s)), '
         f'jax {jax.__version__}, {os.environ.get(runtime.TUNABLES_ENV) or "default malloc"}')
-  print(f'Model FLOPs per image (paper model, 3 iterations): forward '
+  print(f'CapsNet FLOPs per {size}x{size} image (3 iterations): forward '
         f'{flops["forward"] / 1e9:.3f} G, training step {flops["train"] / 1e9:.3f} G\n')
   rows = []
   for model in FLAGS.models:

@@ -69,6 +69,7 @@ def test_benchmark_run_writes_its_table(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
+  assert result['flops_per_image'] == model_flops(train.TrainConfig())  # the 28x28 CapsNet
   assert [(r['mode'], r['recipe'], r['batch'], r['routing_iters'])
           for r in result['model']] == [
       ('train', 'paper', 2, 1), ('train', 'fast', 2, 1), ('infer', 'paper', 2, 1)]
