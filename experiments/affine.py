@@ -20,8 +20,9 @@ the first convolution and 96 channels in the third (--baseline_pool=2
 13.5M (the paper's 35.4M-parameter CNN would have 69.7M here).
 
 --compare=DIR,DIR writes comparison.md and comparison.json to --workdir: for each
-run, the epoch of highest validation accuracy (train with --validation_examples)
-and its expanded MNIST and affine test accuracy, beside the paper's figures.
+run, the epoch of highest validation accuracy (train with --validation_examples),
+the images trained on by then, and its expanded MNIST and affine test accuracy,
+beside the paper's figures.
 --export=FILE.npz writes the generated affine test set instead of training.
 """
 
@@ -89,16 +90,19 @@ def compare(workdirs, out_dir):
     rows.append({'workdir': workdir, 'model': identity['model'],
                  'affine_test': identity['affine_test'], 'epoch': record['epoch'],
                  'epochs_run': len(loop.read_metrics(os.path.join(workdir, loop.METRICS_FILE))),
+                 'images_trained': record['step'] * identity['batch_size'],
                  'validation_accuracy': record['validation_accuracy'],
                  'expanded_mnist_accuracy': record['test_accuracy'],
                  'affine_accuracy': record['affine_accuracy'],
                  'paper': PAPER.get(identity['model'])})
-  lines = ['| run | model | epoch (by validation) | validation | expanded MNIST test | '
-           'affine test | paper: expanded MNIST | paper: affNIST |', '|' + ' --- |' * 8]
+  lines = ['| run | model | epoch (by validation) | images trained on | validation | '
+           'expanded MNIST test | affine test | paper: expanded MNIST | paper: affNIST |',
+           '|' + ' --- |' * 9]
   for row in rows:
     paper = row['paper'] or {}
     lines.append(
         f'| {row["workdir"]} | {row["model"]} | {row["epoch"]} of {row["epochs_run"]} | '
+        f'{row["images_trained"]:,} | '
         f'{100 * row["validation_accuracy"]:.2f}% | {100 * row["expanded_mnist_accuracy"]:.2f}% | '
         f'{100 * row["affine_accuracy"]:.2f}% ({row["affine_test"]}) | '
         + ' | '.join(f'{100 * paper[k]:.2f}%' if k in paper else '-'

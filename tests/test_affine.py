@@ -212,8 +212,10 @@ def test_command_trains_on_placed_digits_tests_affine_ones_and_compares(tmp_path
     (row,) = json.load(f)
   best = max(records, key=lambda r: (r['validation_accuracy'], -r['epoch']))
   assert row['epoch'] == best['epoch'] and row['affine_accuracy'] == best['affine_accuracy']
+  assert row['images_trained'] == 64 * best['epoch']
   assert row['paper'] == {'expanded_mnist': 0.9923, 'affnist': 0.79}
-  assert '| capsnet |' in (out / 'comparison.md').read_text()
+  assert f'| capsnet | {best["epoch"]} of 2 | {64 * best["epoch"]} |' in \
+      (out / 'comparison.md').read_text()
 
 
 def test_command_refuses_shifts_and_a_run_without_validation_to_compare(tmp_path):
