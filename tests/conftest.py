@@ -1,11 +1,24 @@
+import atexit
 import gzip
 import os
 import pathlib
+import shutil
+import tempfile
 
-import numpy as np
-import pytest
+# Many tests compile the same small programs again, in this process and in the training
+# processes they start (a resume, an evaluation, each process of a multi-process run), so
+# the session shares JAX's persistent compilation cache: this process's own folder, passed
+# to its subprocesses in the environment, and deleted at exit. Set before JAX is imported.
+JIT_CACHE = tempfile.mkdtemp(prefix='capsjax-tests-jit-')
+atexit.register(shutil.rmtree, JIT_CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=JIT_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
 
-from capsjax import data
+import numpy as np  # noqa: E402  (after the cache's settings)
+import pytest  # noqa: E402
+
+from capsjax import data  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'
