@@ -53,6 +53,9 @@ class TrainConfig:
   ema_decay: evaluate (and checkpoint) an exponential moving average of the
     parameters with this decay, bias-corrected as `optax.ema` does (0: evaluate
     the trained parameters themselves).
+  weight_decay: decoupled weight decay of the kernels (not the biases), as in
+    `optax.adamw`: each step subtracts learning rate * weight_decay * kernel
+    (0: plain Adam, the paper's).
   A zero recon_weight drops the decoder (the paper's "without reconstruction").
   """
   model: str = 'capsnet'
@@ -65,6 +68,7 @@ class TrainConfig:
   lr_schedule: str = 'exponential'
   warmup_epochs: float = 0.0
   ema_decay: float = 0.0
+  weight_decay: float = 0.0
   recon_weight: float = 0.0005
   shift_pixels: int = 2
   seed: int = 0
@@ -114,6 +118,22 @@ class TrainConfig:
     total = max(self.epochs * steps_per_epoch, 1)
     warmup = min(round(self.warmup_epochs * steps_per_epoch), total - 1)
     return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, total)
+
+  def optimizer(self, steps_per_epoch=None):
+    """The optax optimizer: Adam on `learning_rate_schedule`, with decoupled weight
+    decay of the kernels (parameters of 2 or more dimensions) if weight_decay > 0.
+
+    Args:
+      steps_per_epoch: int, optimizer steps in an epoch (see `learning_rate_schedule`).
+    """
+    schedule = self.learning_rate_schedule(steps_per_epoch)
+    if self.weight_decay < 0:
+      raise InputError(f'weight_decay must be 0 or more, got {self.weight_decay}.')
+    if not self.weight_decay:
+      return optax.adam(schedule)
+    # Biases only shift activations; decaying them regularises nothing.
+    return optax.adamw(schedule, weight_decay=self.weight_decay,
+                       mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
 
   def resumable_settings(self):
     """Names of the settings a resume of this run may change: `epochs`, unless the
@@ -184,7 +204,8 @@ def classification_losses(state, params, batch, train, rng):
 
 
 def create_train_state(rng, config, loss_fn=classification_losses, steps_per_epoch=None):
-  """Initialise parameters, the Adam optimizer and (if configured) the EMA for `config`.
+  """Initialise parameters, the optimizer (`TrainConfig.optimizer`) and (if configured)
+  the EMA for `config`.
 
   Args:
     rng: PRNG key; the parameters and every random choice of training derive from it.
@@ -201,7 +222,7 @@ def create_train_state(rng, config, loss_fn=classification_losses, steps_per_epo
   params_key, state_key = jax.random.split(rng)
   params = init_params(model, params_key, config.image_shape)
   state = TrainState.create(apply_fn=model.apply, params=params,
-                            tx=optax.adam(config.learning_rate_schedule(steps_per_epoch)),
+                            tx=config.optimizer(steps_per_epoch),
                             rng=state_key, config=config, loss_fn=loss_fn,
                             ema=_ema(config).init(params) if config.ema_decay else None)
   # An int32 array, as train_step returns it, so the second step does not recompile.

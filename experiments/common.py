@@ -38,6 +38,9 @@ flags.DEFINE_float('warmup_epochs', DEFAULTS.warmup_epochs,
 flags.DEFINE_float('ema_decay', DEFAULTS.ema_decay,
                    'Evaluate an exponential moving average of the weights with this decay '
                    '(0: the trained weights).', lower_bound=0, upper_bound=0.999999)
+flags.DEFINE_float('weight_decay', DEFAULTS.weight_decay,
+                   'Decoupled weight decay of the kernels, as AdamW (0: Adam, the paper\'s).',
+                   lower_bound=0)
 flags.DEFINE_enum('recipe', 'paper', sorted(train.RECIPES),
                   'A named recipe, setting the flags it lists that the command line does not: '
                   + '; '.join(f'{name}: ' + (', '.join(f'--{k}={v}' for k, v in values.items())

@@ -114,6 +114,30 @@ def test_evaluated_weights_are_optaxs_ema_of_the_trained_weights():
   assert float(raw['loss']) != pytest.approx(float(sums['loss']), rel=1e-6)
 
 
+def test_weight_decay_shrinks_kernels_by_lr_times_decay_and_leaves_biases():
+  # Two runs from the same initialisation on the same batch take the same Adam step;
+  # AdamW's decoupled decay adds -lr * weight_decay * initial value, to kernels only.
+  decay, lr = 0.5, 1e-3
+  config = train.TrainConfig(shift_pixels=0, learning_rate=lr, **SMALL)
+  decayed_config = dataclasses.replace(config, weight_decay=decay)
+  step = jax.jit(train.train_step)
+  initial = train.create_train_state(jax.random.PRNGKey(0), config)
+  plain, _ = step(initial, fixed_batch())
+  decayed, _ = step(train.create_train_state(jax.random.PRNGKey(0), decayed_config),
+                    fixed_batch())
+  kernels = 0
+  for p0, a, b in zip(jax.tree.leaves(initial.params), jax.tree.leaves(plain.params),
+                      jax.tree.leaves(decayed.params)):
+    p0, a, b = (np.asarray(x, np.float64) for x in (p0, a, b))
+    expected = -lr * decay * p0 if p0.ndim >= 2 else np.zeros_like(p0)
+    kernels += p0.ndim >= 2
+    np.testing.assert_allclose(b - a, expected, atol=1e-7)  # float32 rounding of the params
+  assert kernels >= 4
+  assert train.TrainConfig().weight_decay == 0  # the paper trains with plain Adam
+  with pytest.raises(InputError, match='weight_decay'):
+    dataclasses.replace(config, weight_decay=-1.0).optimizer()
+
+
 def test_checkpoints_keep_the_ema(tmp_path):
   config = train.TrainConfig(ema_decay=0.99, **SMALL)
   state, _ = jax.jit(train.train_step)(train.create_train_state(jax.random.PRNGKey(0), config),
