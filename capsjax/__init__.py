@@ -1,13 +1,19 @@
-"""capsjax: Capsule Networks with routing by agreement (Sabour, Frosst, Hinton 2017) in JAX."""
+"""capsjax: Capsule Networks with routing by agreement (Sabour, Frosst, Hinton 2017) in JAX.
 
-from capsjax.baseline import BaselineCNN
-from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutedCapsules, decoder_mask
+The package reads like the architecture: `capsjax.nn` (squash, routing,
+convolutions, capsule layers, losses), `capsjax.models` (CapsNet and the
+baseline CNN, by name), `capsjax.data`, `capsjax.tasks` (each task's loss),
+`capsjax.training` (config, state, steps, loop) and `capsjax.analysis`. The
+names below are the stable API.
+"""
+
 from capsjax.errors import InputError
-from capsjax.losses import (capsnet_loss, capsnet_loss_terms, cross_entropy_loss, margin_loss,
-                            reconstruction_loss)
-from capsjax.model import CapsNet, CapsNetOutput, init_params, parameter_counts
-from capsjax.ops import safe_norm, squash
-from capsjax.routing import batched_dynamic_routing, dynamic_routing
+from capsjax.models import BaselineCNN, CapsNet, CapsNetOutput, init_params, parameter_counts
+from capsjax.nn.layers import Conv2D, Decoder, PrimaryCapsules, RoutedCapsules, decoder_mask
+from capsjax.nn.losses import (capsnet_loss, capsnet_loss_terms, cross_entropy_loss, margin_loss,
+                               reconstruction_loss)
+from capsjax.nn.ops import safe_norm, squash
+from capsjax.nn.routing import batched_dynamic_routing, dynamic_routing
 
 __version__ = '0.1.0'
 

@@ -1,11 +1,10 @@
 """Pictures of what the model does: reconstructions, capsule dimensions, routing maps."""
 
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from capsjax.interpret import PERTURBATIONS
+from capsjax.files import atomic_path
 
 # White pixels between tiles, so neighbouring black digit backgrounds stay apart.
 _GAP = 2
@@ -58,9 +57,8 @@ def _save(canvas, path):
     canvas: a PIL image.
     path: the .png to write.
   """
-  partial = path + '.partial.png'
-  canvas.save(partial)
-  os.replace(partial, path)
+  with atomic_path(path, '.png') as partial:
+    canvas.save(partial)
 
 
 def _panel_grid(panels, captions, wrong, path, scale, columns):
@@ -127,7 +125,7 @@ def pair_sheet(images, true_reconstructions, predicted_reconstructions, labels, 
               wrong, path, scale, columns)
 
 
-def dimension_sheet(images, path, title=None, captions=None, values=PERTURBATIONS, scale=2):
+def dimension_sheet(images, path, values, title=None, captions=None, scale=2):
   """Write a PNG of the paper's Figure 4: one row per capsule dimension, one column per offset.
 
   Rows are labelled 'd0', 'd1', ... at the left and columns with their offsets

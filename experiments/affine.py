@@ -1,12 +1,12 @@
 """Robustness to affine transformations (the paper's section 5.2): train on expanded MNIST,
 test on affine-transformed digits.
 
-    python -m experiments.affine --model=capsnet --data_dir=../shared/data/mnist
-    python -m experiments.affine --model=baseline --data_dir=../shared/data/mnist
+    python -m experiments.affine --model=capsnet --data_dir=PATH/TO/mnist
+    python -m experiments.affine --model=baseline --data_dir=PATH/TO/mnist
     python -m experiments.affine --compare=runs/affine_capsnet,runs/affine_baseline
 
 Training digits sit at a random position on a 40x40 black canvas, drawn afresh
-every step on the device, and nothing else (`capsjax.affine`); the expanded MNIST
+every step on the device, and nothing else (`capsjax.data.affine`); the expanded MNIST
 test set is placed once for --test_seed. Every epoch also tests the affine digits:
 the official affNIST test set with --affnist_dir, else --affine_copies random
 affine versions of each MNIST test digit generated for --test_seed ("affine-
@@ -30,8 +30,12 @@ import os
 
 from absl import flags
 
-from capsjax import affine, data, loop
+from capsjax import files, models
+from capsjax.data import affine
 from capsjax.errors import InputError
+from capsjax.tasks import classification_losses
+from capsjax.training import Task, train_and_evaluate
+from capsjax.training.rundir import METRICS_FILE, load_run_identity, read_metrics
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -60,7 +64,7 @@ def affine_test_set(dataset):
 
   Returns:
     (name, images uint8 [N, 40, 40, 1], labels int32 [N], the generated set's
-    arrays (see `capsjax.affine.generate`) or None for the official one).
+    arrays (see `capsjax.data.affine.generate`) or None for the official one).
   """
   if FLAGS.affnist_dir:
     images, labels = affine.read_affnist(FLAGS.affnist_dir)
@@ -74,7 +78,7 @@ def affine_test_set(dataset):
 
 def chosen_epoch(workdir):
   """The record of a run's epoch of highest validation accuracy (the first, on ties)."""
-  records = loop.read_metrics(os.path.join(workdir, loop.METRICS_FILE))
+  records = read_metrics(os.path.join(workdir, METRICS_FILE))
   if not records or 'validation_accuracy' not in records[0] or 'affine_accuracy' not in records[0]:
     raise InputError(f'{workdir}: no epochs of an affine run with a validation split; train '
                      f'it with python -m experiments.affine --validation_examples=N.')
@@ -85,11 +89,11 @@ def compare(workdirs, out_dir):
   """Write comparison.md and comparison.json for the runs in `workdirs`."""
   rows = []
   for workdir in workdirs:
-    identity = loop.load_run_identity(workdir)
+    identity = load_run_identity(workdir)
     record = chosen_epoch(workdir)
     rows.append({'workdir': workdir, 'model': identity['model'],
                  'affine_test': identity['affine_test'], 'epoch': record['epoch'],
-                 'epochs_run': len(loop.read_metrics(os.path.join(workdir, loop.METRICS_FILE))),
+                 'epochs_run': len(read_metrics(os.path.join(workdir, METRICS_FILE))),
                  'images_trained': record['step'] * identity['batch_size'],
                  'validation_accuracy': record['validation_accuracy'],
                  'expanded_mnist_accuracy': record['test_accuracy'],
@@ -108,9 +112,8 @@ def compare(workdirs, out_dir):
         + ' | '.join(f'{100 * paper[k]:.2f}%' if k in paper else '-'
                      for k in ('expanded_mnist', 'affnist')) + ' |')
   os.makedirs(out_dir, exist_ok=True)
-  loop.write_json(os.path.join(out_dir, 'comparison.json'), rows)
-  with open(os.path.join(out_dir, 'comparison.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  files.write_json(os.path.join(out_dir, 'comparison.json'), rows)
+  files.write_text(os.path.join(out_dir, 'comparison.md'), '\n'.join(lines) + '\n')
   common.say('\n'.join(lines) + f'\nWrote {out_dir}/comparison.md and comparison.json.')
   return rows
 
@@ -127,7 +130,7 @@ def main():
   dataset = common.load_data()
   name, images, labels, generated = affine_test_set(dataset)
   if FLAGS.export:
-    data.save_npz(FLAGS.export, generated)
+    files.save_npz(FLAGS.export, generated)
     common.say(f'Wrote {len(labels)} digits of {name} (test seed {FLAGS.test_seed}, '
                f'{FLAGS.affine_copies} per MNIST test digit) to {FLAGS.export}.')
     return
@@ -135,20 +138,17 @@ def main():
   config = common.config_from_flags(
       dataset, shift_pixels=0, image_shape=(affine.CANVAS, affine.CANVAS, channels),
       **{name: value for name, value in CANVAS_BASELINE.items() if not FLAGS[name].present})
-  has_decoder = config.model == 'capsnet' and config.recon_weight > 0
   common.say(f'Affine test set: {name}, {len(labels)} digits.')
-  loop.train_and_evaluate(
-      config, dataset, FLAGS.workdir, dataset_name=f'expanded {FLAGS.dataset}',
-      train_examples=FLAGS.train_examples, test_examples=FLAGS.test_examples,
-      validation_examples=FLAGS.validation_examples, eval_only=FLAGS.eval_only,
-      make_batch=affine.batch_maker(FLAGS.test_seed), more_tests={'affine': (images, labels)},
-      settings={'test_seed': FLAGS.test_seed, 'affine_test': name,
-                'affine_copies': None if FLAGS.affnist_dir else FLAGS.affine_copies},
-      pictures=common.reconstruction_pictures(
-          images[:PICTURE_EXAMPLES], labels[:PICTURE_EXAMPLES],
-          os.path.join(FLAGS.workdir, 'affine.png')) if has_decoder else None,
-      progress_seconds=FLAGS.progress_seconds, log=common.say)
-
+  pictures = None
+  if models.has_decoder(config.model):
+    pictures = common.reconstruction_pictures(images[:PICTURE_EXAMPLES], labels[:PICTURE_EXAMPLES],
+                                              os.path.join(FLAGS.workdir, 'affine.png'))
+  task = Task(name=f'expanded {FLAGS.dataset}', dataset=dataset, loss_fn=classification_losses,
+              make_batch=affine.batch_maker(FLAGS.test_seed), more_tests={'affine': (images, labels)},
+              settings={'test_seed': FLAGS.test_seed, 'affine_test': name,
+                        'affine_copies': None if FLAGS.affnist_dir else FLAGS.affine_copies},
+              pictures=pictures)
+  train_and_evaluate(config, task, FLAGS.workdir, eval_only=FLAGS.eval_only, log=common.say)
 
 if __name__ == '__main__':
   common.run_main(main)

@@ -25,7 +25,6 @@ device, date and command, to --json.
 
 import datetime
 import itertools
-import json
 import math
 import os
 import re
@@ -39,9 +38,13 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from capsjax import conv, runtime, train
-from capsjax.ops import squash
-from capsjax.routing import batched_dynamic_routing
+from capsjax import files, models
+from capsjax.nn import conv
+from capsjax.nn.ops import squash
+from capsjax.nn.routing import batched_dynamic_routing
+from capsjax.tasks import classification_losses
+from capsjax.training import RECIPES, TrainConfig, create_train_state, train_step
+from experiments import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['capsnet'], "capsnet and/or baseline (the paper's CNN).")
@@ -52,7 +55,7 @@ flags.DEFINE_list('conv_impls', ['auto'],
                   'Convolutions to compare: auto (by platform), matmul (im2col), xla (lax.conv).')
 flags.DEFINE_list('modes', ['train', 'infer'], 'train: the optimizer step; infer: forward only.')
 flags.DEFINE_list('recipes', ['paper'],
-                  'Recipes (train.RECIPES) whose training step to time, each at every '
+                  'Recipes (capsjax.training.RECIPES) whose training step to time, each at every '
                   '--batch_sizes (inference is the same for all).')
 flags.DEFINE_integer('image_size', 28, 'Height and width of the (one-channel) images.',
                      lower_bound=1)
@@ -76,7 +79,7 @@ CPU_TARGET_FRACTION = 0.45
 
 def conv_macs(size, kernel, stride, in_channels, out_channels):
   """(multiply-adds, output size) of a square VALID convolution on one image."""
-  out = (size - kernel) // stride + 1
+  out = conv.output_size(size, kernel, stride)
   return out * out * kernel * kernel * in_channels * out_channels, out
 
 
@@ -87,25 +90,25 @@ def model_flops(config):
   twice its FLOPs backward, less Conv1's input gradient (the images need none).
 
   Args:
-    config: a `train.TrainConfig` (square images).
+    config: a `capsjax.training.TrainConfig` (square images).
 
   Returns:
     dict: the forward FLOPs of 'conv1', 'primary_caps', 'predictions',
     'routing' and 'decoder', their sum 'forward', and 'train'.
   """
-  size, _, channels = config.image_shape
-  model = config.build_model()
+  size, _, channels = config.model.image_shape
+  model = models.build(config.model)
   conv1, size = conv_macs(size, model.conv_kernel, 1, channels, model.conv_features)
   primary, size = conv_macs(size, model.primary_kernel, model.primary_strides,
                             model.conv_features, model.primary_types * model.primary_dim)
-  pairs = size * size * model.primary_types * config.num_classes
+  pairs = size * size * model.primary_types * model.num_classes
   predictions = pairs * model.digit_dim * model.primary_dim
   # Every iteration forms s_j; all but the last also measure the agreement.
-  routing = pairs * model.digit_dim * (2 * config.routing_iters - 1)
+  routing = pairs * model.digit_dim * (2 * model.routing_iters - 1)
   decoder = 0
   if model.use_decoder:
-    widths = (config.num_classes * model.digit_dim, *model.decoder_hidden,
-              int(np.prod(config.image_shape)))
+    widths = (model.num_classes * model.digit_dim, *model.decoder_hidden,
+              int(np.prod(config.model.image_shape)))
     decoder = sum(a * b for a, b in zip(widths, widths[1:]))
   flops = {name: 2 * macs for name, macs in dict(
       conv1=conv1, primary_caps=primary, predictions=predictions, routing=routing,
@@ -119,13 +122,13 @@ def baseline_flops(config):
   """FLOPs per image of the baseline CNN, by layer, counted as `model_flops` counts.
 
   Args:
-    config: a `train.TrainConfig` with model='baseline'.
+    config: a `capsjax.training.TrainConfig` of a baseline CNN.
 
   Returns:
     dict: the forward FLOPs of each layer by its name, 'forward' and 'train'.
   """
-  model = config.build_model()
-  height, width, channels = config.image_shape
+  model = models.build(config.model)
+  height, width, channels = config.model.image_shape
   kernel, pad = model.kernel_size, model.kernel_size // 2
   macs = {}
   for i, features in enumerate(model.conv_features):
@@ -136,7 +139,7 @@ def baseline_flops(config):
     channels = features
     if i == 0:  # the optional pooling (its comparisons are not counted)
       height, width = height // model.pool, width // model.pool
-  widths = (height * width * channels, *model.hidden, config.num_classes)
+  widths = (height * width * channels, *model.hidden, model.num_classes)
   for i, (a, b) in enumerate(zip(widths, widths[1:])):
     macs[f'fc{i + 1}'] = a * b
   flops = {name: 2 * value for name, value in macs.items()}
@@ -145,9 +148,13 @@ def baseline_flops(config):
   return flops
 
 
+# Each architecture's FLOP count, by the name capsjax.models registers it under.
+FLOPS = {'capsnet': model_flops, 'baseline': baseline_flops}
+
+
 def flops_per_image(config):
-  """`model_flops` or `baseline_flops`, as config.model says."""
-  return (model_flops if config.model == 'capsnet' else baseline_flops)(config)
+  """`model_flops` or `baseline_flops`, as config.model.name says."""
+  return FLOPS[config.model.name](config)
 
 
 def interleaved_median_seconds(calls, repeats):
@@ -203,7 +210,7 @@ def prediction_buffers(compiled, batch_size, config):
   intermediates stay in registers): each instruction whose result holds an
   array of B * num_primary * num_classes * digit_dim elements, in any layout.
   """
-  elements = batch_size * model_flops(config)['predictions'] // (2 * config.primary_dim)
+  elements = batch_size * model_flops(config)['predictions'] // (2 * config.model.primary_dim)
   text = compiled.as_text()
   entry = text[text.index('\nENTRY '):]
   count = 0
@@ -221,24 +228,26 @@ def prediction_buffers(compiled, batch_size, config):
 
 def random_batch(batch_size, config, seed=0):
   rng = np.random.default_rng(seed)
-  return {'image': jnp.asarray(rng.uniform(size=(batch_size, *config.image_shape)), jnp.float32),
-          'label': jnp.asarray(rng.integers(0, config.num_classes, batch_size), jnp.int32)}
+  shape, classes = config.model.image_shape, config.model.num_classes
+  return {'image': jnp.asarray(rng.uniform(size=(batch_size, *shape)), jnp.float32),
+          'label': jnp.asarray(rng.integers(0, classes, batch_size), jnp.int32)}
 
 
 def time_model(model, mode, dtype, routing_iters, batch_size, repeats, conv_impl='auto',
                recipe='paper'):
   """One row of the model table: times, rates and memory of a step."""
-  config = train.TrainConfig(**{**train.RECIPES[recipe], 'model': model,
+  config = TrainConfig.create(**{**RECIPES[recipe], 'model': model,
                                 'routing_iters': routing_iters, 'batch_size': batch_size,
                                 'dtype': dtype, 'conv_impl': conv_impl,
                                 'image_shape': (FLAGS.image_size, FLAGS.image_size, 1),
                                 'baseline_conv3_features': FLAGS.baseline_conv3_features,
                                 'baseline_pool': FLAGS.baseline_pool})
   # The schedule's length changes its values, not the step's work.
-  state = train.create_train_state(jax.random.PRNGKey(0), config, steps_per_epoch=1000)
+  state = create_train_state(jax.random.PRNGKey(0), config, classification_losses,
+                             steps_per_epoch=1000)
   batch = random_batch(batch_size, config)
   if mode == 'train':
-    compiled = jax.jit(train.train_step, donate_argnums=0).lower(state, batch).compile()
+    compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
 
     def step(batch):  # the state threads through, as in training
       nonlocal state
@@ -248,7 +257,7 @@ def time_model(model, mode, dtype, routing_iters, batch_size, repeats, conv_impl
     compiled = jax.jit(lambda state, images: state.apply_fn(
         {'params': state.params}, images)).lower(state, batch['image']).compile()
     step = lambda batch: compiled(state, batch['image'])
-  matmul, matmul_args, matmul_flops = matmul_call(train.DTYPES[dtype])
+  matmul, matmul_args, matmul_flops = matmul_call(models.DTYPES[dtype])
   seconds, matmul_seconds = interleaved_median_seconds(
       [(step, (batch,)), (matmul, matmul_args)], repeats)
   capsnet = model == 'capsnet'
@@ -332,8 +341,8 @@ def main(argv):
   batch_sizes = integers(FLAGS.batch_sizes, 'batch_sizes')
   routing_iters = integers(FLAGS.routing_iters, 'routing_iters')
   for dtype in FLAGS.dtypes:
-    if dtype not in train.DTYPES:
-      raise app.UsageError(f'--dtypes: {dtype!r} is not one of {sorted(train.DTYPES)}')
+    if dtype not in models.DTYPES:
+      raise app.UsageError(f'--dtypes: {dtype!r} is not one of {sorted(models.DTYPES)}')
   for mode in FLAGS.modes:
     if mode not in ('train', 'infer'):
       raise app.UsageError(f'--modes: {mode!r} is not train or infer')
@@ -341,17 +350,17 @@ def main(argv):
     if impl not in conv.CONV_IMPLS:
       raise app.UsageError(f'--conv_impls: {impl!r} is not one of {conv.CONV_IMPLS}')
   for model in FLAGS.models:
-    if model not in train.MODELS:
-      raise app.UsageError(f'--models: {model!r} is not one of {train.MODELS}')
+    if model not in models.ARCHITECTURES:
+      raise app.UsageError(f'--models: {model!r} is not one of {models.ARCHITECTURES}')
   for recipe in FLAGS.recipes:
-    if recipe not in train.RECIPES:
-      raise app.UsageError(f'--recipes: {recipe!r} is not one of {sorted(train.RECIPES)}')
+    if recipe not in RECIPES:
+      raise app.UsageError(f'--recipes: {recipe!r} is not one of {sorted(RECIPES)}')
   logging.set_verbosity(logging.WARNING)
   runtime.restart_with_huge_pages()
 
   device = jax.devices()[0]
   size = FLAGS.image_size
-  flops = model_flops(train.TrainConfig(image_shape=(size, size, 1)))
+  flops = model_flops(TrainConfig.create(image_shape=(size, size, 1)))
   print(f'{device.device_kind} ({device.platform}, {jax.local_device_count()} device(s)), '
         f'jax {jax.__version__}, {os.environ.get(runtime.TUNABLES_ENV) or "default malloc"}')
   print(f'CapsNet FLOPs per {size}x{size} image (3 iterations): forward '
@@ -397,10 +406,7 @@ def main(argv):
                 command=' '.join(sys.orig_argv), flops_per_image=flops,
                 model=rows, routing=routing_rows)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-  partial = FLAGS.json + '.partial'
-  with open(partial, 'w') as f:
-    json.dump(result, f, indent=1)
-  os.replace(partial, FLAGS.json)
+  files.write_json(FLAGS.json, result)
   print(f'\nWrote {FLAGS.json}')
 
 

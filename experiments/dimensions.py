@@ -1,6 +1,6 @@
 """What each dimension of a class capsule encodes (the paper's Figure 4), and where routing sends evidence.
 
-    python -m experiments.dimensions --workdir=runs/mnist --data_dir=../shared/data/mnist
+    python -m experiments.dimensions --workdir=runs/mnist --data_dir=PATH/TO/mnist
 
 Loads the latest checkpoint of a trained CapsNet run and, for the first
 --digits test digits, adds -0.25, -0.20, ..., +0.25 to each of the 16
@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import data, interpret, loop, train, visualize
+from capsjax import data, models, tasks, visualize
+from capsjax.analysis import interpret
+from capsjax.training import evaluation_params
 from capsjax.errors import InputError
 from experiments import common
 
@@ -31,9 +33,9 @@ flags.DEFINE_integer('digits', 6, 'Test digits to draw, the first N of the test 
 
 def check_decoder(config, workdir):
   """Raise an `InputError` unless `config` (of the run in `workdir`) has a decoder to draw with."""
-  if config.model != 'capsnet' or config.recon_weight <= 0:
-    raise InputError(f'{workdir} holds a {config.model} run without a decoder '
-                     f'(recon_weight {config.recon_weight}); the dimension sheet decodes '
+  if not models.has_decoder(config.model):
+    raise InputError(f'{workdir} holds a {config.model.name} run without a decoder '
+                     f'(recon_weight {config.model.recon_weight}); the dimension sheet decodes '
                      f'capsules, so train a CapsNet with --recon_weight > 0.')
 
 
@@ -41,7 +43,7 @@ def draw(config, params, images, labels, workdir, where):
   """Draw dimensions.png and couplings.png of a trained CapsNet into `workdir`.
 
   Args:
-    config: the run's `train.TrainConfig` (a CapsNet with a decoder).
+    config: the run's `capsjax.training.TrainConfig` (a CapsNet with a decoder).
     params: its parameters (single device).
     images: float32 [N, H, W, C] in [0, 1], the digits to draw.
     labels: int [N], their labels.
@@ -52,13 +54,14 @@ def draw(config, params, images, labels, workdir, where):
     (sheet path, coupling figure path, predictions int [N]).
   """
   check_decoder(config, workdir)
-  result = jax.device_get(jax.jit(functools.partial(interpret.analyse, config.build_model()))(
+  result = jax.device_get(jax.jit(functools.partial(interpret.analyse, models.build(config.model)))(
       params, images))
   predictions = result['predictions']
   captions = [f'test digit {n}: label {label}, predicted {prediction}'
               for n, (label, prediction) in enumerate(zip(labels, predictions))]
   sheet = os.path.join(workdir, 'dimensions.png')
-  visualize.dimension_sheet(result['perturbed'], sheet, captions=captions,
+  visualize.dimension_sheet(result['perturbed'], sheet, interpret.PERTURBATIONS,
+                            captions=captions,
                             title=f'Each row: one dimension of the predicted capsule, '
                                   f'offset -0.25 .. +0.25 ({where})')
   figure = os.path.join(workdir, 'couplings.png')
@@ -71,14 +74,14 @@ def draw(config, params, images, labels, workdir, where):
 def main():
   if FLAGS.workdir is None:
     raise InputError('--workdir is required: the folder of a trained CapsNet run (with a decoder).')
-  config, state, identity = loop.load_run(FLAGS.workdir)
+  config, state, identity = tasks.load_run(FLAGS.workdir)
   check_decoder(config, FLAGS.workdir)  # before the data is loaded
   dataset = data.load_dataset(identity['dataset'], FLAGS.data_dir, log=common.say)
   labels = dataset.test_labels[:FLAGS.digits]
   images = jnp.asarray(dataset.test_images[:FLAGS.digits], jnp.float32) / 255.0
   if not common.is_writer():
     return
-  sheet, figure, predictions = draw(config, train.evaluation_params(state), images, labels,
+  sheet, figure, predictions = draw(config, evaluation_params(state), images, labels,
                                     FLAGS.workdir, f'{FLAGS.workdir}, epoch {identity["epoch"]}')
   common.say(f'Wrote {sheet} and {figure} for {FLAGS.digits} test digits '
              f'({int(np.sum(predictions == labels))} predicted right).')

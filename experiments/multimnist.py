@@ -1,10 +1,10 @@
 """MultiMNIST (the paper's section 6): name and separate two highly overlapping digits.
 
-    python -m experiments.multimnist --data_dir=../shared/data/mnist
+    python -m experiments.multimnist --data_dir=PATH/TO/mnist
 
 Every training step draws new pairs on the device: each training digit in turn
 is a base, overlaid with a digit of another class, both shifted by up to 4
-pixels on a 36x36 canvas (`capsjax.multimnist`). The test set is fixed for
+pixels on a 36x36 canvas (`capsjax.data.multimnist`). The test set is fixed for
 --test_seed: pair i has test digit i as its base (10,000 pairs, or the first
 --test_examples). The model is the paper's CapsNet on 36x36 inputs (PrimaryCaps
 10x10x32, 3 routing iterations) or --model=baseline; the loss is the margin loss
@@ -12,7 +12,7 @@ with both classes as targets plus a reconstruction of each digit from its own
 capsule. The metric is the paper's: an example is right when its two longest
 capsules are exactly its two classes; per-digit accuracy is reported too.
 
-Writes to --workdir what every experiment writes (see `capsjax.loop`) and
+Writes to --workdir what every experiment writes (see `capsjax.training.loop`) and
 multimnist.png, the paper's Figure 5: inputs beside the reconstructions from the
 true and the predicted capsules, red over green. --export=FILE.npz writes the
 test set instead of training.
@@ -25,8 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import loop, multimnist, train
+from capsjax import models
+from capsjax.data import Dataset, multimnist
 from capsjax.errors import InputError
+from capsjax.tasks import multimnist_losses
+from capsjax.tasks.multimnist import pair_metrics, top2
+from capsjax.training import Task, TrainConfig, evaluation_params, train_and_evaluate
 from capsjax.visualize import pair_sheet
 from experiments import common
 
@@ -39,13 +43,13 @@ PICTURE_POOL = 256  # test pairs searched for right and wrong examples to draw
 PICTURE_EACH = 8
 
 
-def figure5(dataset, make_batch, config, workdir):
+def figure5(dataset: Dataset, make_batch, config: TrainConfig, workdir: str):
   """A `pictures` callback drawing multimnist.png from the first test pairs, right and wrong.
 
   Args:
     dataset: the single-digit `capsjax.data.Dataset`.
-    make_batch: the run's batch maker (`multimnist.batch_maker`).
-    config: the run's `capsjax.train.TrainConfig` (a CapsNet with a decoder).
+    make_batch: the run's batch maker (`capsjax.data.multimnist.batch_maker`).
+    config: the run's `TrainConfig` (a CapsNet with a decoder).
     workdir: where multimnist.png goes.
 
   Returns:
@@ -54,25 +58,38 @@ def figure5(dataset, make_batch, config, workdir):
   count = min(PICTURE_POOL, len(dataset.test_images))
   batch = jax.jit(make_batch)(dataset.test_images, dataset.test_labels, jnp.arange(count))
   path = os.path.join(workdir, 'multimnist.png')
-  model = config.build_model()
-  apply = jax.jit(model.apply)
+  num_classes = config.model.num_classes
+
+  @jax.jit
+  def reconstruct(state):
+    params = evaluation_params(state)
+    scores = state.forward(params, batch['image']).scores
+    predictions = top2(scores)
+    decode = lambda classes: state.forward(params, batch['image'], jax.nn.one_hot(
+        classes, num_classes)).reconstructions
+    return (decode(batch['label']), decode(predictions), predictions,
+            pair_metrics(scores, batch['label'])['accuracy'] > 0)
 
   def draw(state):
-    params = train.evaluation_params(state)
-    lengths = apply({'params': params}, batch['image']).lengths
-    predictions = multimnist.top2(lengths)
-    decode = lambda classes: apply({'params': params}, batch['image'], jax.nn.one_hot(
-        classes, model.num_classes)).reconstructions
-    true, predicted, right = jax.device_get((decode(batch['label']), decode(predictions),
-                                             multimnist.pair_metrics(lengths, batch['label'])))
-    labels, predictions, right = (np.asarray(batch['label']), np.asarray(predictions),
-                                  right['accuracy'] > 0)
+    true, predicted, predictions, right = jax.device_get(reconstruct(state))
+    labels = np.asarray(batch['label'])
     chosen = np.concatenate([np.flatnonzero(right)[:PICTURE_EACH],
                              np.flatnonzero(~right)[:PICTURE_EACH]])
     pair_sheet(np.asarray(batch['image'])[chosen], true[chosen], predicted[chosen],
                labels[chosen], predictions[chosen], path)
 
   return draw
+
+
+def multimnist_task(config: TrainConfig, dataset: Dataset, workdir: str) -> Task:
+  """MultiMNIST pairs of `dataset`'s digits, made on the device, with Figure 5 for a CapsNet
+  with a decoder."""
+  make_batch = multimnist.batch_maker(FLAGS.test_seed, dataset.num_classes)
+  return Task(name=FLAGS.dataset, dataset=dataset, loss_fn=multimnist_losses,
+              make_batch=make_batch, settings={'test_seed': FLAGS.test_seed},
+              pictures=(figure5(dataset, make_batch, config, workdir)
+                        if models.has_decoder(config.model) else None),
+              label_shape=(multimnist.DIGITS,))
 
 
 def export(dataset, path):
@@ -100,16 +117,8 @@ def main():
   config = common.config_from_flags(
       dataset, shift_pixels=0,
       image_shape=(height + 2 * multimnist.PAD, width + 2 * multimnist.PAD, channels))
-  make_batch = multimnist.batch_maker(FLAGS.test_seed, dataset.num_classes)
-  has_decoder = config.model == 'capsnet' and config.recon_weight > 0
-  loop.train_and_evaluate(
-      config, dataset, FLAGS.workdir, dataset_name=FLAGS.dataset,
-      loss_fn=multimnist.multimnist_losses, train_examples=FLAGS.train_examples,
-      test_examples=FLAGS.test_examples, validation_examples=FLAGS.validation_examples,
-      eval_only=FLAGS.eval_only, make_batch=make_batch, settings={'test_seed': FLAGS.test_seed},
-      pictures=figure5(dataset, make_batch, config, FLAGS.workdir) if has_decoder else None,
-      progress_seconds=FLAGS.progress_seconds, log=common.say)
-
+  train_and_evaluate(config, multimnist_task(config, dataset, FLAGS.workdir), FLAGS.workdir,
+                     eval_only=FLAGS.eval_only, log=common.say)
 
 if __name__ == '__main__':
   common.run_main(main)

@@ -10,16 +10,15 @@ import jax
 import jax.numpy as jnp
 
 import capsjax
-from capsjax import train
+from capsjax import models
+from experiments import common  # the model's flags: --model, --routing_iters, sizes, ...
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('model', 'capsnet', train.MODELS,
-                  "capsnet: the paper's CapsNet; baseline: its baseline CNN.")
 flags.DEFINE_integer('image_size', 28, 'Height and width of the input images.')
 flags.DEFINE_integer('channels', 1, 'Input channels.')
 flags.DEFINE_integer('num_classes', 10, 'Class capsules (baseline: logits).')
-flags.DEFINE_integer('routing_iters', 3, 'Routing iterations.')
-flags.DEFINE_bool('use_decoder', True, 'Include the reconstruction decoder.')
+flags.DEFINE_bool('use_decoder', True, 'Include the reconstruction decoder (same as '
+                  '--recon_weight=0 when false).')
 
 
 def print_layers(params):
@@ -39,17 +38,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   image_shape = (FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
-  config = train.TrainConfig(
-      model=FLAGS.model, num_classes=FLAGS.num_classes, routing_iters=FLAGS.routing_iters,
-      recon_weight=train.TrainConfig.recon_weight if FLAGS.use_decoder else 0.0,
-      image_shape=image_shape)
-  model = config.build_model()
+  overrides = {'num_classes': FLAGS.num_classes, 'image_shape': image_shape}
+  if not FLAGS.use_decoder:
+    overrides['recon_weight'] = 0.0
+  config = common.config_from_flags(None, **overrides).model
+  model = models.build(config)
   params = capsjax.init_params(model, jax.random.PRNGKey(0), image_shape)
-  if config.model == 'baseline':
-    print(f'Baseline CNN for {image_shape} images')
+  if models.architecture(config).scores == 'logits':
+    print(f'{models.describe(config)} for {image_shape} images')
   else:
     out = jax.eval_shape(model.apply, {'params': params}, jnp.zeros((1, *image_shape)))
-    print(f'CapsNet for {image_shape} images, {FLAGS.routing_iters} routing iterations')
+    print(f'{models.describe(config)}, for {image_shape} images')
     print(f'  primary capsules: {params["digit_caps"]["weights"].shape[0]} of '
           f'{model.primary_dim}D; class capsules: {out.capsules.shape[1:]}')
   print_layers(params)

@@ -1,15 +1,15 @@
 """The paper's Table 1: baseline CNN against CapsNet with 1 and 3 routing iterations,
 each with and without the reconstruction loss, over several seeds.
 
-    python -m experiments.table1 --data_dir=../shared/data/mnist --seeds=3
+    python -m experiments.table1 --data_dir=PATH/TO/mnist --seeds=3
 
 Every row and seed is an ordinary `experiments.mnist` run in its own folder,
 --workdir/ROW/seedS, so an interrupted table resumes where it stopped and a
 finished run is read back, not trained again. Writes --workdir/table1.md and
 table1.json: the last epoch's test error per row (mean +- std over seeds) beside
 the paper's, parameter counts, epochs, wall time and device. Every other flag
-(--epochs, --train_examples, --batch_size, the data flags, ...) applies to
-every row.
+(--epochs, --train_examples, --batch_size, --recipe, the data flags, ...) applies
+to every row, and the header says what the rows ran with.
 """
 
 import dataclasses
@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import loop
+from capsjax import files, models
 from capsjax.errors import InputError
-from capsjax.model import parameter_counts
+from capsjax.training import TrainConfig, train_and_evaluate
+from capsjax.training.rundir import METRICS_FILE, read_metrics
 from experiments import common, mnist
 
 FLAGS = flags.FLAGS
@@ -59,17 +60,17 @@ def describe(row):
           'yes' if row.settings['recon_weight'] > 0 else 'no')
 
 
-def count_parameters(config):
+def count_parameters(config: TrainConfig) -> int:
   """Parameters of the model `config` builds, from shapes alone (nothing is allocated)."""
-  model = config.build_model()
+  model = models.build(config.model)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, *config.image_shape), jnp.float32))
-  return parameter_counts(shapes['params'])['total']
+                          jnp.zeros((1, *config.model.image_shape), jnp.float32))
+  return models.parameter_counts(shapes['params'])['total']
 
 
 def finished_record(workdir, epochs):
   """The last metrics record of a run that has trained all `epochs`, else None."""
-  records = loop.read_metrics(os.path.join(workdir, loop.METRICS_FILE), log=common.say)
+  records = read_metrics(os.path.join(workdir, METRICS_FILE), log=common.say)
   return records[-1] if records and records[-1]['epoch'] >= epochs else None
 
 
@@ -85,10 +86,10 @@ def run_row(row, dataset):
                  f'{100 * record["test_error"]:.2f}% ({workdir}).')
     else:
       common.say(f'== {row.name} seed {seed} ({workdir})')
-      mnist.train_mnist(config, dataset, workdir)
+      train_and_evaluate(config, mnist.mnist_task(config, dataset, workdir), workdir,
+                         log=common.say)
       record = finished_record(workdir, config.epochs)
-    seconds = sum(r['epoch_seconds']
-                  for r in loop.read_metrics(os.path.join(workdir, loop.METRICS_FILE)))
+    seconds = sum(r['epoch_seconds'] for r in read_metrics(os.path.join(workdir, METRICS_FILE)))
     runs.append({'seed': seed, 'test_error': record['test_error'], 'seconds': seconds})
   errors = 100 * np.array([r['test_error'] for r in runs])
   model, routing, reconstruction = describe(row)
@@ -124,25 +125,26 @@ def main():
   dataset = common.load_data()
   rows = [run_row(row, dataset) for row in ROWS]
   device = jax.devices()[0]
-  train_examples = FLAGS.train_examples or len(dataset.train_images)
-  test_examples = FLAGS.test_examples or len(dataset.test_images)
-  settings = {'dataset': FLAGS.dataset, 'seeds': FLAGS.seeds, 'epochs': FLAGS.epochs,
+  config = common.config_from_flags(dataset)  # what every row runs with, --recipe applied
+  train_examples = config.data.train_examples or len(dataset.train_images)
+  test_examples = config.data.test_examples or len(dataset.test_images)
+  settings = {'dataset': FLAGS.dataset, 'seeds': FLAGS.seeds, 'epochs': config.epochs,
               'train_examples': train_examples, 'test_examples': test_examples,
-              'batch_size': FLAGS.batch_size,
+              'batch_size': config.batch_size, 'recipe': FLAGS.recipe,
               'device': f'{jax.device_count()} x {device.platform} ({device.device_kind})',
               'date': datetime.date.today().isoformat()}
   header = (f'Table 1 on {settings["dataset"]}: test error of the last epoch, '
             f'{settings["seeds"]} seed(s), {settings["epochs"]} epoch(s), '
             f'{train_examples:,} training and {test_examples:,} test images, batch '
-            f'{settings["batch_size"]}; {settings["device"]}, {settings["date"]}. '
+            f'{settings["batch_size"]}, recipe {FLAGS.recipe}; {settings["device"]}, '
+            f'{settings["date"]}. '
             f'Paper: 3 trials of full training.')
   table = markdown(rows, header)
   if not common.is_writer():
     return
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  with open(os.path.join(FLAGS.workdir, 'table1.md'), 'w') as f:
-    f.write(table)
-  loop.write_json(os.path.join(FLAGS.workdir, 'table1.json'), {**settings, 'rows': rows})
+  files.write_text(os.path.join(FLAGS.workdir, 'table1.md'), table)
+  files.write_json(os.path.join(FLAGS.workdir, 'table1.json'), {**settings, 'rows': rows})
   common.say(table)
 
 

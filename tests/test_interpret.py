@@ -134,7 +134,7 @@ def test_dimension_sheet_lays_out_dimensions_by_values(tmp_path):
 
 def test_dimension_sheet_of_one_example(tmp_path):
   path = str(tmp_path / 'one.png')
-  dimension_sheet(np.full((16, 11, 28, 28, 1), 0.5, np.float32), path)
+  dimension_sheet(np.full((16, 11, 28, 28, 1), 0.5, np.float32), path, PERTURBATIONS)
   pixels = np.asarray(Image.open(path).convert('RGB'))
   grey = np.all(pixels == 127, axis=-1)
   np.testing.assert_array_equal(_runs(grey.any(axis=1)), [56] * 16)

@@ -5,7 +5,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from capsjax.layers import Conv2D, check_images
+from capsjax.nn.layers import Conv2D, check_images
 
 
 class BaselineCNN(nn.Module):

@@ -27,11 +27,12 @@ class Checkpointer:
   one writes, all of them read.
   """
 
-  def __init__(self, directory, max_to_keep=2):
-    """directory: folder for the checkpoints (created); max_to_keep: newest kept."""
+  def __init__(self, directory: str, max_to_keep: int = 2, create: bool = True):
+    """directory: folder for the checkpoints; max_to_keep: newest kept; create: make
+    the folder if missing (False for a reader, which must not write)."""
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                              enable_async_checkpointing=False))
 
   def latest_epoch(self):

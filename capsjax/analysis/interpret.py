@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax.layers import Decoder, PrimaryCapsules
-from capsjax.ops import safe_norm
+from capsjax.nn.layers import Decoder, PrimaryCapsules
+from capsjax.nn.ops import safe_norm
 
 # Built from integers so each value is the float32 nearest to k * 0.05, and the set
 # is exactly symmetric about the unperturbed 0.

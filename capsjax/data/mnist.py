@@ -1,4 +1,4 @@
-"""MNIST-format datasets: IDX files from a folder, tfds, or a checksummed download.
+"""MNIST-format datasets (MNIST, Fashion-MNIST): IDX files from a folder, tfds, or a checksummed download.
 
 Where the data comes from, first that works:
   1. `data_dir` (or the environment variable CAPSJAX_DATA_DIR): the four IDX files,
@@ -14,13 +14,13 @@ import hashlib
 import os
 import shutil
 import struct
-import tempfile
 import urllib.request
 import zlib
 
 import numpy as np
 
 from capsjax.errors import InputError
+from capsjax.files import atomic_path
 
 DATA_DIR_ENV = 'CAPSJAX_DATA_DIR'
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'capsjax')
@@ -146,8 +146,22 @@ def _split(directory, split, num_classes):
   return images[..., None], labels.astype(np.int32)
 
 
-def check_labels(labels, num_classes, where):
-  """Raise DataError unless every label lies in [0, num_classes); `where` names the source."""
+def check_labels(labels, num_classes, where, label_shape=()):
+  """Raise DataError unless `labels` are integer class indices of one shape, each in range.
+
+  Args:
+    labels: array [N, *label_shape].
+    num_classes: every label must lie in [0, num_classes).
+    where: names the labels' source in the message.
+    label_shape: one example's label: () for a class index, (2,) for MultiMNIST's pair.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim == 0 or labels.shape[1:] != tuple(label_shape):
+    wanted = f'[N, {", ".join(map(str, label_shape))}]' if label_shape else '[N]'
+    raise DataError(f'{where}: labels are shaped {list(labels.shape)}; this run needs {wanted} '
+                    f'integer class indices.')
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f'{where}: labels are {labels.dtype}; give integer class indices.')
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise DataError(f'{where}: labels span {labels.min()}..{labels.max()}, outside '
                     f'0..{num_classes - 1}; give class indices of the {num_classes} classes.')
@@ -188,34 +202,36 @@ def known_dataset(directory):
   """
   labels = 'train-labels-idx1-ubyte'
   try:
-    digest = _sha256(_idx_path(directory, labels))
+    digest = content_sha256(_idx_path(directory, labels))
   except (OSError, DataError, zlib.error, EOFError):
     return None
   return next((name for name, source in DATASETS.items() if source.sha256[labels] == digest),
               None)
 
 
-def save_npz(path, arrays):
-  """Write arrays to a compressed .npz atomically (a reader never sees half a file).
+def content_sha256(path):
+  """sha256 of an IDX file's uncompressed content (what DATASETS' digests are of).
 
-  Args:
-    path: the .npz file.
-    arrays: dict of name -> array-like.
+  Raises:
+    DataError: the file cannot be read or decompressed (truncated, corrupt).
   """
-  partial = path + '.partial.npz'
-  np.savez_compressed(partial, **{name: np.asarray(value) for name, value in arrays.items()})
-  os.replace(partial, path)
-
-
-def _sha256(path):
   return hashlib.sha256(_read_bytes(path)).hexdigest()
+
+
+def _holds(path, digest):
+  """Whether `path` is a readable file whose uncompressed content has `digest`."""
+  try:
+    return os.path.isfile(path) and content_sha256(path) == digest
+  except DataError:  # a truncated or corrupt copy: fetch it again
+    return False
 
 
 def download(name, cache_dir=DEFAULT_CACHE_DIR, base_url=None):
   """Download a dataset's four .gz files into cache_dir/name, verifying each.
 
-  A file already there with the right digest is not fetched again; a new file
-  is written under a temporary name and moved into place only once verified.
+  A file already there with the right digest is not fetched again; one that is
+  not (another content, or truncated so that it does not decompress) is. A new
+  file is written under a temporary name and moved into place only once verified.
 
   Args:
     name: a key of DATASETS.
@@ -230,21 +246,16 @@ def download(name, cache_dir=DEFAULT_CACHE_DIR, base_url=None):
   os.makedirs(target, exist_ok=True)
   for file_name, digest in source.sha256.items():
     path = os.path.join(target, file_name + '.gz')
-    if os.path.isfile(path) and _sha256(path) == digest:
+    if _holds(path, digest):
       continue
     url = (base_url or source.url) + file_name + '.gz'
-    fd, partial = tempfile.mkstemp(dir=target, suffix='.partial.gz')
-    try:
-      with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=60) as response:
+    with atomic_path(path, '.gz') as partial:
+      with open(partial, 'wb') as out, urllib.request.urlopen(url, timeout=60) as response:
         shutil.copyfileobj(response, out)
-      actual = _sha256(partial)
+      actual = content_sha256(partial)
       if actual != digest:
         raise DataError(f'{url}: sha256 of the content is {actual}, expected {digest}; '
                         f'the download is corrupt or the mirror changed.')
-      os.replace(partial, path)
-    finally:
-      if os.path.exists(partial):
-        os.remove(partial)
   return target
 
 

@@ -7,10 +7,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from capsjax.conv import conv2d
+from capsjax.nn.conv import conv2d
 from capsjax.errors import InputError
-from capsjax.ops import squash
-from capsjax.routing import batched_dynamic_routing
+from capsjax.nn.ops import squash
+from capsjax.nn.routing import batched_dynamic_routing
 
 Dtype = Any
 

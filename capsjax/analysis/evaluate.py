@@ -7,7 +7,6 @@ Every experiment takes such a file as --eval_file (see `experiments.common`).
 """
 
 import datetime
-import hashlib
 import os
 import zipfile
 
@@ -15,12 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import data, loop, multimnist, train
+from capsjax import data, files, tasks
 from capsjax.errors import InputError
-
-# The arrays a run's loss (by the name run.json records) reads from a file
-# besides 'image' and 'label'.
-EXTRA_KEYS = {multimnist.multimnist_losses.__name__: ('digits',)}
+from capsjax.training import loop, steps
 
 
 def _with_channels(array, name, path, count, shape):
@@ -32,13 +28,14 @@ def _with_channels(array, name, path, count, shape):
   return array
 
 
-def read_eval_file(path, config, extra_keys=()):
+def read_eval_file(path, config, extra_keys=(), label_shape=()):
   """The arrays of an evaluation file, checked against a run's config.
 
   Args:
     path: an .npz file (see the module docstring).
-    config: the run's `train.TrainConfig` (image_shape, num_classes).
+    config: the run's `capsjax.training.TrainConfig` (image shape, class count).
     extra_keys: further uint8 image arrays the run's loss reads ('digits').
+    label_shape: one example's label, () or (2,) (`capsjax.tasks.LABEL_SHAPES`).
 
   Returns:
     dict: 'image' uint8 [N, H, W, C], 'label' int32 [N] (or [N, 2]) and the extra
@@ -70,31 +67,24 @@ def read_eval_file(path, config, extra_keys=()):
       raise InputError(f'{path}: {name!r} is {arrays[name].dtype}; give uint8 pixels 0..255.')
     if len(arrays[name]) != count:
       raise InputError(f'{path}: {name!r} holds {len(arrays[name])} examples, image {count}.')
-  result = {'image': _with_channels(images, 'image', path, count, config.image_shape)}
+  shape = config.model.image_shape
+  result = {'image': _with_channels(images, 'image', path, count, shape)}
   for name in extra_keys:
     result[name] = _with_channels(arrays[name], name, path, count,
-                                  (arrays[name].shape[1], *config.image_shape))
+                                  (arrays[name].shape[1], *shape))
   if not np.issubdtype(labels.dtype, np.integer) or len(labels) != count:
     raise InputError(f'{path}: label is {labels.dtype} {labels.shape}; give {count} integer '
                      f'class indices.')
-  data.check_labels(labels, config.num_classes, path)
+  data.check_labels(labels, config.model.num_classes, path, label_shape)
   result['label'] = labels.astype(np.int32)
   return result
 
 
 def _gather(arrays, labels, indices, key=None):
-  """A `train.pmap_steps` batch maker over a dict of uint8 arrays."""
+  """A `steps.pmap_steps` batch maker over a dict of uint8 arrays."""
   del key
   return {**{name: array[indices].astype(jnp.float32) / 255.0 for name, array in arrays.items()},
           'label': labels[indices]}
-
-
-def _sha256(path):
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def result_path(workdir, path):
@@ -105,7 +95,7 @@ def result_path(workdir, path):
 def evaluate_file(workdir, path, log=print):
   """Evaluate the latest checkpoint of the run in `workdir` on the examples in `path`.
 
-  The run's own loss function scores them, at `train.evaluation_params` (the
+  The run's own loss function scores them, at `evaluation_params` (the
   EMA when the run keeps one), over every device. The result is printed and
   written to `result_path(workdir, path)`; nothing is written if anything fails.
 
@@ -118,22 +108,23 @@ def evaluate_file(workdir, path, log=print):
     dict: 'file', 'file_sha256', 'examples', 'epoch', 'step', and the mean of
     every term of the loss ('accuracy', 'loss', ...), 'error'.
   """
-  config, state, identity = loop.load_run(workdir)
-  arrays = read_eval_file(path, config, EXTRA_KEYS.get(identity['loss'], ()))
+  config, state, identity = tasks.load_run(workdir)
+  arrays = read_eval_file(path, config, tasks.EXTRA_ARRAYS.get(identity['loss'], ()),
+                          tasks.LABEL_SHAPES.get(identity['loss'], ()))
   labels = arrays.pop('label')
   count, devices = len(labels), jax.device_count()
   batch_size = -(-config.batch_size // devices) * devices
-  _, p_eval = train.pmap_steps(make_batch=_gather)
-  put = train.replicate
+  _, p_eval = steps.pmap_steps(make_batch=_gather)
+  put = steps.replicate
   means = loop.evaluate(p_eval, put(state), put(jax.tree.map(jnp.asarray, arrays)),
                         put(jnp.asarray(labels)), count, batch_size)
-  result = {'file': os.path.abspath(path), 'file_sha256': _sha256(path), 'examples': count,
+  result = {'file': os.path.abspath(path), 'file_sha256': files.file_sha256(path), 'examples': count,
             'workdir': os.path.abspath(workdir), 'epoch': identity['epoch'],
             'step': int(state.step), **means, 'error': 1.0 - means['accuracy'],
             'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
   out = result_path(workdir, path)
   if jax.process_index() == 0:
-    loop.write_json(out, result)
+    files.write_json(out, result)
   log(f'{path}: accuracy {100 * means["accuracy"]:.2f}% (error {100 * result["error"]:.2f}%) '
       f'on {count} examples, checkpoint of epoch {identity["epoch"]} of {workdir}; wrote {out}.')
   return result

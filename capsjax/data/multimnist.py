@@ -11,17 +11,14 @@ draws new partners and shifts every step inside the jitted step; the test set
 is the same function under a fixed key, pair i having test digit i as its base,
 so it is the same for a seed whatever the batch or device count.
 
-Predictions are the two longest class capsules (ties go to the lower class, as
-`lax.top_k` breaks them); an example is right when they are exactly its two
-classes.
+The loss and the paper's metric are in `capsjax.tasks.multimnist`.
 """
 
 import jax
 import jax.numpy as jnp
 
-from capsjax.augment import random_shifts, shift_images
-from capsjax.data import save_npz
-from capsjax.losses import margin_loss, reconstruction_loss
+from capsjax.data.augment import random_shifts, shift_images
+from capsjax.files import save_npz
 
 PAD = 4
 MAX_SHIFT = 4
@@ -81,7 +78,7 @@ def make_pairs(key, images, labels, base_indices, num_classes=10):
 
 
 def batch_maker(test_seed, num_classes=10):
-  """The loop's batch maker for MultiMNIST (see `capsjax.train.pmap_steps`).
+  """The loop's batch maker for MultiMNIST (see `capsjax.training.steps.pmap_steps`).
 
   Args:
     test_seed: int; the test set is `make_pairs` under PRNGKey(test_seed).
@@ -100,84 +97,6 @@ def batch_maker(test_seed, num_classes=10):
             'digits': pairs['digits'].astype(jnp.float32) / 255.0}
 
   return make_batch
-
-
-def top2(scores):
-  """The two highest-scoring classes, the higher first; ties go to the lower class.
-
-  Args:
-    scores: float [B, K].
-
-  Returns:
-    int32 [B, 2].
-  """
-  return jax.lax.top_k(scores, DIGITS)[1].astype(jnp.int32)
-
-
-def pair_metrics(scores, labels):
-  """The paper's metric and per-digit accuracy of two-class predictions.
-
-  Args:
-    scores: float [B, K], capsule lengths or logits.
-    labels: int [B, 2], two different classes per example.
-
-  Returns:
-    {'accuracy': 1.0 where the two top classes are exactly the labels,
-    'digit_accuracy': the fraction of the two labels among the two top classes},
-    float32 [B] each.
-  """
-  found = jnp.any(top2(scores)[:, :, None] == labels[:, None, :], axis=1)  # [B, 2]
-  return {'accuracy': jnp.all(found, axis=1).astype(jnp.float32),
-          'digit_accuracy': jnp.mean(found.astype(jnp.float32), axis=1)}
-
-
-def multi_hot(labels, num_classes):
-  """int [B, M] class lists -> float32 [B, K] with 1 at each listed class."""
-  return jnp.max(jax.nn.one_hot(labels, num_classes), axis=1)
-
-
-def multimnist_losses(state, params, batch, train, rng):
-  """Per-example terms of MultiMNIST, a `loss_fn` for `capsjax.train.create_train_state`.
-
-  CapsNet: margin loss with both classes as targets, plus recon_weight times
-  the sum of two reconstruction losses: the decoder runs once per digit with
-  every capsule masked but that digit's, against that digit's own shifted
-  image. Baseline CNN: sigmoid cross-entropy against the two classes, with
-  dropout in training.
-
-  Args:
-    state: a `TrainState` (apply_fn and config are read).
-    params: the parameters to evaluate at.
-    batch: {'image': float [B, 36, 36, C], 'label': int [B, 2], 'digits':
-      float [B, 2, 36, 36, C]} (see `batch_maker`).
-    train: bool, whether this is a training step.
-    rng: PRNG key for dropout (training only).
-
-  Returns:
-    dict of float32 [B]: 'loss', 'accuracy' (both classes right, the paper's
-    metric), 'digit_accuracy', and for CapsNet 'margin_loss' and
-    'reconstruction_loss'.
-  """
-  config = state.config
-  images, labels = batch['image'], batch['label']
-  targets = multi_hot(labels, config.num_classes)
-  if config.model == 'baseline':
-    scores = state.apply_fn({'params': params}, images, train=train,
-                            rngs={'dropout': rng} if train else {})
-    logits = scores.astype(jnp.float32)
-    terms = {'loss': jnp.sum(jnp.logaddexp(0.0, logits) - targets * logits, axis=-1)}
-  else:
-    masks = jax.nn.one_hot(labels, config.num_classes)  # [B, 2, K]: one capsule each
-    out = state.apply_fn({'params': params}, images, masks)
-    scores = out.lengths
-    margin = margin_loss(out.lengths, targets)
-    recon = jnp.zeros_like(margin)
-    if out.reconstructions is not None:
-      recon = sum(reconstruction_loss(out.reconstructions[:, d], batch['digits'][:, d])
-                  for d in range(DIGITS))
-    terms = {'loss': margin + config.recon_weight * recon, 'margin_loss': margin,
-             'reconstruction_loss': recon}
-  return {**terms, **pair_metrics(scores, labels)}
 
 
 def export(path, pairs):

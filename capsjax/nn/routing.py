@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from capsjax.ops import squash
+from capsjax.nn.ops import squash
 
 
 def _check_num_iters(num_iters):

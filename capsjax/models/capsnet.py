@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax.conv import output_size
+from capsjax.nn.conv import output_size
 from capsjax.errors import InputError
-from capsjax.layers import (Conv2D, Decoder, PrimaryCapsules, RoutedCapsules, check_images,
+from capsjax.nn.layers import (Conv2D, Decoder, PrimaryCapsules, RoutedCapsules, check_images,
                             decoder_mask)
-from capsjax.ops import safe_norm
+from capsjax.nn.ops import safe_norm
 
 
 class CapsNetOutput(NamedTuple):

@@ -1,0 +1,1 @@
+"""The network pieces: squash, routing by agreement, convolutions, capsule layers, losses."""
