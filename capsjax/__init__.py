@@ -10,8 +10,13 @@ names below are the stable API.
 from capsjax.errors import InputError
 from capsjax.models import BaselineCNN, CapsNet, CapsNetOutput, init_params, parameter_counts
 from capsjax.nn.layers import Conv2D, Decoder, PrimaryCapsules, RoutedCapsules, decoder_mask
-from capsjax.nn.losses import (capsnet_loss, capsnet_loss_terms, cross_entropy_loss, margin_loss,
-                               reconstruction_loss)
+from capsjax.nn.losses import (
+                               capsnet_loss,
+                               capsnet_loss_terms,
+                               cross_entropy_loss,
+                               margin_loss,
+                               reconstruction_loss,
+)
 from capsjax.nn.ops import safe_norm, squash
 from capsjax.nn.routing import batched_dynamic_routing, dynamic_routing
 

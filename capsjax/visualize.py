@@ -1,5 +1,6 @@
-"""Pictures of what the model does: reconstructions, capsule dimensions, routing maps."""
+"""Pictures of what the model does: reconstructions, capsule dimensions, routing maps, curves."""
 
+import itertools
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -184,8 +185,8 @@ def coupling_figure(image, maps, label, prediction, path, title=None, scale=3):
   captioned in blue. Colours run black -> red -> yellow -> white on one scale
   per row, shared by all its classes so they compare, from the row's smallest
   to its largest value, both shown on the colour bar at the right (routing's
-  couplings stay near uniform, and a scale from 0 would hide their differences). A map cell is a PrimaryCaps
-  position, whose receptive field is much larger than the cell it is drawn as,
+  couplings stay near uniform, and a scale from 0 would hide their differences). A map
+  cell is a PrimaryCaps position, whose receptive field is much larger than the cell it is drawn as,
   so the maps are a coarse guide to where evidence comes from, not pixel-aligned.
 
   Args:
@@ -243,32 +244,47 @@ def _error_percent(accuracy):
   return 100.0 * (1.0 - accuracy)
 
 
-# What each curve panel shows: (title, y label, ((record key, legend, transform), ...)).
-_CURVE_PANELS = (
-    ('Loss', 'mean loss', (('train_loss', 'train', None), ('validation_loss', 'validation', None),
-                           ('test_loss', 'test', None))),
-    ('Error', 'error (%)', (('train_accuracy', 'train', _error_percent),
-                            ('validation_accuracy', 'validation', _error_percent),
-                            ('validation_raw_accuracy', 'validation, trained weights '
-                             '(not their EMA)', _error_percent),
-                            ('test_accuracy', 'test', _error_percent),
-                            ('affine_accuracy', 'affine test', _error_percent))),
-    ('Learning rate', 'learning rate', (('learning_rate', 'at epoch end', None),)),
-)
+# One colour per split, the same in every panel; further test sets take the rest in turn.
+_SPLIT_COLOURS = {'train': 'tab:blue', 'validation': 'tab:orange',
+                  'validation_raw': 'tab:green', 'test': 'tab:red'}
+_MORE_COLOURS = ('tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan', 'tab:gray')
+_SPLIT_NAMES = {'validation_raw': 'validation, trained weights (not their EMA)'}
 
 
-def training_curves(records, path, title=None):
-  """Write a PNG of a run's curves per epoch: loss, error (log scales) and learning rate.
+def curve_splits(records):
+  """The splits a run's records measure, in drawing order, with their legend and colour.
 
-  Keys a record lacks are left out (validation_* appear only in runs with a
-  validation split). The file is written under a temporary name and renamed.
+  A held-out split is one with a '{split}_error' (`capsjax.training.loop`
+  records one for every split it evaluates); 'train' comes first.
+
+  Args:
+    records: list of metrics dicts.
+
+  Returns:
+    list of (split, legend, colour).
+  """
+  found = {key[:-len('_error')] for r in records for key in r if key.endswith('_error')}
+  held_out = [s for s in _SPLIT_COLOURS if s in found] + sorted(found - set(_SPLIT_COLOURS))
+  more = itertools.cycle(_MORE_COLOURS)
+  return [(split, _SPLIT_NAMES.get(split, split if split in _SPLIT_COLOURS else f'{split} test'),
+           _SPLIT_COLOURS.get(split) or next(more)) for split in ['train', *held_out]]
+
+
+def curves_figure(records, title=None):
+  """A run's curves per epoch: loss, error (log scales) and learning rate, as a Figure.
+
+  Every split the records measure is drawn (see `curve_splits`), in the same
+  colour in each panel. The learning rate is on a linear scale, so a schedule
+  that ends at 0 is drawn to its end.
 
   Args:
     records: list of metrics dicts, one per epoch, each with 'epoch' and any of
-      train_/validation_/test_ 'loss' and 'accuracy' (in [0, 1]), 'learning_rate',
-      and 'validation_raw_accuracy' (see `capsjax.loop`).
-    path: the .png to write.
+      '{split}_loss', '{split}_accuracy' (in [0, 1]) and 'learning_rate' (see
+      `capsjax.training.loop`).
     title: optional line above the panels.
+
+  Returns:
+    A `matplotlib.figure.Figure` with an Agg canvas.
   """
   # Figure and the Agg canvas directly, not pyplot: no global backend is chosen, so
   # a notebook's own matplotlib setup is left alone.
@@ -276,18 +292,29 @@ def training_curves(records, path, title=None):
   from matplotlib.figure import Figure
   from matplotlib.ticker import MaxNLocator
 
+  splits = curve_splits(records)
+  panels = (  # (title, y label, y scale, ((record key, legend, colour, transform), ...))
+      ('Loss', 'mean loss', 'log',
+       [(f'{split}_loss', legend, colour, None) for split, legend, colour in splits]),
+      ('Error', 'error (%)', 'log',
+       [(f'{split}_accuracy', legend, colour, _error_percent) for split, legend, colour in splits]),
+      ('Learning rate', 'learning rate', 'linear',
+       [('learning_rate', 'at epoch end', 'black', None)]),
+  )
   figure = Figure(figsize=(13, 3.8), dpi=90, layout='constrained')
-  canvas = FigureCanvasAgg(figure)
-  for axes, (name, ylabel, curves) in zip(figure.subplots(1, len(_CURVE_PANELS)), _CURVE_PANELS):
-    for key, legend, transform in curves:
+  FigureCanvasAgg(figure)
+  for axes, (name, ylabel, scale, curves) in zip(figure.subplots(1, len(panels)), panels):
+    for key, legend, colour, transform in curves:
       points = [(r['epoch'], transform(r[key]) if transform else r[key])
                 for r in records if key in r]
       if points:
         epochs, values = zip(*points)
-        axes.plot(epochs, values, marker='o', markersize=3, label=legend)
+        axes.plot(epochs, values, marker='o', markersize=3, label=legend, color=colour)
     if axes.lines:
-      axes.set_yscale('log')
+      axes.set_yscale(scale)
       axes.legend(fontsize=8)
+    if scale == 'linear':
+      axes.set_ylim(bottom=0)
     axes.set(title=name, xlabel='epoch', ylabel=ylabel)
     axes.grid(True, which='both', alpha=0.3)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -295,5 +322,11 @@ def training_curves(records, path, title=None):
       axes.set_xlim(records[0]['epoch'] - 0.5, records[-1]['epoch'] + 0.5)
   if title:
     figure.suptitle(title, fontsize=10)
-  canvas.draw()
-  _save(Image.fromarray(np.asarray(canvas.buffer_rgba())).convert('RGB'), path)
+  return figure
+
+
+def training_curves(records, path, title=None):
+  """Write `curves_figure(records, title)` to the PNG `path`, whole or not at all."""
+  figure = curves_figure(records, title)
+  figure.canvas.draw()
+  _save(Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert('RGB'), path)

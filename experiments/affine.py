@@ -144,7 +144,8 @@ def main():
     pictures = common.reconstruction_pictures(images[:PICTURE_EXAMPLES], labels[:PICTURE_EXAMPLES],
                                               os.path.join(FLAGS.workdir, 'affine.png'))
   task = Task(name=f'expanded {FLAGS.dataset}', dataset=dataset, loss_fn=classification_losses,
-              make_batch=affine.batch_maker(FLAGS.test_seed), more_tests={'affine': (images, labels)},
+              make_batch=affine.batch_maker(FLAGS.test_seed),
+              more_tests={'affine': (images, labels)},
               settings={'test_seed': FLAGS.test_seed, 'affine_test': name,
                         'affine_copies': None if FLAGS.affnist_dir else FLAGS.affine_copies},
               pictures=pictures)

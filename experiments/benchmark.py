@@ -34,8 +34,8 @@ import time
 
 from absl import app, flags, logging
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 
 from capsjax import files, models
@@ -313,7 +313,8 @@ def print_table(rows, columns):
 
 
 MODEL_COLUMNS = [
-    ('model', 'model', '{}'), ('recipe', 'recipe', '{}'), ('mode', 'mode', '{}'), ('dtype', 'dtype', '{}'), ('conv', 'conv', '{}'),
+    ('model', 'model', '{}'), ('recipe', 'recipe', '{}'), ('mode', 'mode', '{}'),
+    ('dtype', 'dtype', '{}'), ('conv', 'conv', '{}'),
     ('routing_iters', 'iters', '{}'),
     ('batch', 'batch', '{}'), ('ms', 'ms/step', '{:.1f}'), ('images_per_sec', 'images/s', '{:.1f}'),
     ('gflops', 'GFLOP/s', '{:.1f}'), ('matmul_gflops', 'matmul GFLOP/s', '{:.1f}'),
@@ -321,7 +322,8 @@ MODEL_COLUMNS = [
     ('prediction_buffers', 'u_hat buffers', '{}')]
 ROUTING_COLUMNS = [
     ('routing_iters', 'iters', '{}'), ('batch', 'batch', '{}'),
-    ('capsjax_ms', 'fori_loop ms', '{:.1f}'), ('python_unrolled_ms', 'Python-unrolled ms', '{:.1f}'),
+    ('capsjax_ms', 'fori_loop ms', '{:.1f}'),
+    ('python_unrolled_ms', 'Python-unrolled ms', '{:.1f}'),
     ('speedup', 'speed-up', '{:.2f}x')]
 
 

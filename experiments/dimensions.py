@@ -1,4 +1,4 @@
-"""What each dimension of a class capsule encodes (the paper's Figure 4), and where routing sends evidence.
+"""What each dimension of a class capsule encodes (Figure 4), and where routing sends evidence.
 
     python -m experiments.dimensions --workdir=runs/mnist --data_dir=PATH/TO/mnist
 
@@ -22,8 +22,8 @@ import numpy as np
 
 from capsjax import data, models, tasks, visualize
 from capsjax.analysis import interpret
-from capsjax.training import evaluation_params
 from capsjax.errors import InputError
+from capsjax.training import evaluation_params
 from experiments import common
 
 FLAGS = flags.FLAGS

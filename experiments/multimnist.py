@@ -88,8 +88,7 @@ def multimnist_task(config: TrainConfig, dataset: Dataset, workdir: str) -> Task
   return Task(name=FLAGS.dataset, dataset=dataset, loss_fn=multimnist_losses,
               make_batch=make_batch, settings={'test_seed': FLAGS.test_seed},
               pictures=(figure5(dataset, make_batch, config, workdir)
-                        if models.has_decoder(config.model) else None),
-              label_shape=(multimnist.DIGITS,))
+                        if models.has_decoder(config.model) else None))
 
 
 def export(dataset, path):

@@ -44,11 +44,13 @@ def main(argv):
   config = common.config_from_flags(None, **overrides).model
   model = models.build(config)
   params = capsjax.init_params(model, jax.random.PRNGKey(0), image_shape)
+  description = models.describe(config)  # mid-sentence wording: capitalised to start a line
+  description = description[:1].upper() + description[1:]
   if models.architecture(config).scores == 'logits':
-    print(f'{models.describe(config)} for {image_shape} images')
+    print(f'{description} for {image_shape} images')
   else:
     out = jax.eval_shape(model.apply, {'params': params}, jnp.zeros((1, *image_shape)))
-    print(f'{models.describe(config)}, for {image_shape} images')
+    print(f'{description}, for {image_shape} images')
     print(f'  primary capsules: {params["digit_caps"]["weights"].shape[0]} of '
           f'{model.primary_dim}D; class capsules: {out.capsules.shape[1:]}')
   print_layers(params)

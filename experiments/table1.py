@@ -15,6 +15,7 @@ to every row, and the header says what the rows ran with.
 import dataclasses
 import datetime
 import os
+from typing import Tuple
 
 from absl import flags
 import jax
@@ -117,15 +118,18 @@ def markdown(rows, header):
   return '\n'.join(lines) + '\n'
 
 
-def main():
-  if FLAGS.eval_only:
-    raise InputError('--eval_only is not a table1 flag: rerunning the command reads finished '
-                     'runs back; evaluate one run with python -m experiments.mnist --eval_only '
-                     '--workdir=WORKDIR/ROW/seedS.')
-  dataset = common.load_data()
-  rows = [run_row(row, dataset) for row in ROWS]
+def table_settings(config: TrainConfig, dataset) -> Tuple[dict, str]:
+  """What every row ran with (the flags with --recipe applied), and the table's header line.
+
+  Args:
+    config: the config the flags give (`common.config_from_flags`); each row
+      changes only its model settings and seed.
+    dataset: the `capsjax.data.Dataset`.
+
+  Returns:
+    (settings dict for table1.json, header line).
+  """
   device = jax.devices()[0]
-  config = common.config_from_flags(dataset)  # what every row runs with, --recipe applied
   train_examples = config.data.train_examples or len(dataset.train_images)
   test_examples = config.data.test_examples or len(dataset.test_images)
   settings = {'dataset': FLAGS.dataset, 'seeds': FLAGS.seeds, 'epochs': config.epochs,
@@ -134,11 +138,21 @@ def main():
               'device': f'{jax.device_count()} x {device.platform} ({device.device_kind})',
               'date': datetime.date.today().isoformat()}
   header = (f'Table 1 on {settings["dataset"]}: test error of the last epoch, '
-            f'{settings["seeds"]} seed(s), {settings["epochs"]} epoch(s), '
+            f'{settings["seeds"]} seed(s), {config.epochs} epoch(s), '
             f'{train_examples:,} training and {test_examples:,} test images, batch '
-            f'{settings["batch_size"]}, recipe {FLAGS.recipe}; {settings["device"]}, '
-            f'{settings["date"]}. '
-            f'Paper: 3 trials of full training.')
+            f'{config.batch_size}, recipe {FLAGS.recipe}; {settings["device"]}, '
+            f'{settings["date"]}. Paper: 3 trials of full training.')
+  return settings, header
+
+
+def main():
+  if FLAGS.eval_only:
+    raise InputError('--eval_only is not a table1 flag: rerunning the command reads finished '
+                     'runs back; evaluate one run with python -m experiments.mnist --eval_only '
+                     '--workdir=WORKDIR/ROW/seedS.')
+  dataset = common.load_data()
+  rows = [run_row(row, dataset) for row in ROWS]
+  settings, header = table_settings(common.config_from_flags(dataset), dataset)
   table = markdown(rows, header)
   if not common.is_writer():
     return

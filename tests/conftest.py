@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402  (after the cache's settings)
 import pytest  # noqa: E402
 
 from capsjax import data  # noqa: E402
+from capsjax.data import mnist  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'
@@ -56,7 +57,7 @@ def tiny_dataset(tmp_path):
   return write_dataset(str(tmp_path / 'data'))
 
 
-def find_mnist(shared=MNIST_DIR, environ=os.environ, download=data.download):
+def find_mnist(shared=MNIST_DIR, environ=os.environ, download=mnist.download):
   """The folder of the real MNIST files, from the first source there is.
 
   Args:

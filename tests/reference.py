@@ -36,7 +36,10 @@ def margin_loss(lengths, targets, m_plus=0.9, m_minus=0.1, lam=0.5):
 
 
 def conv2d_valid(x, kernel, stride):
-  """Direct loops over output positions: out[b, y, x, o] = sum x[b, sy+ky, sx+kx, c] k[ky, kx, c, o]."""
+  """Direct loops over output positions.
+
+  out[b, y, x, o] = sum x[b, sy+ky, sx+kx, c] k[ky, kx, c, o].
+  """
   batch, height, width, _ = x.shape
   kh, kw, _, features = kernel.shape
   oh, ow = (height - kh) // stride + 1, (width - kw) // stride + 1

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy import io as scipy_io
 
-from capsjax import affine, loop
+from capsjax.data import affine
 from capsjax.errors import InputError
+from capsjax.training import rundir
 from tests.conftest import REPO, write_dataset
 from tests.test_loop import ENV, SMALL_FLAGS
 
@@ -187,7 +188,7 @@ def test_command_trains_on_placed_digits_tests_affine_ones_and_compares(tmp_path
     identity = json.load(f)
   assert identity['image_shape'] == [40, 40, 1] and identity['shift_pixels'] == 0
   assert identity['affine_test'] == affine.GENERATED_NAME and identity['affine_copies'] == 2
-  records = loop.read_metrics(str(workdir / 'metrics.jsonl'))
+  records = rundir.read_metrics(str(workdir / 'metrics.jsonl'))
   assert [r['step'] for r in records] == [4, 8]  # 64 of the 80 in batches of 16
   for record in records:
     assert 0 <= record['affine_accuracy'] <= 1 and 0 <= record['test_accuracy'] <= 1

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capsjax.augment import random_shifts, shift_images
+from capsjax.data.augment import random_shifts, shift_images
 
 
 def numpy_shift(image, dy, dx):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import capsjax
-from capsjax import train
+from capsjax import models
+from capsjax.training import TrainConfig
 from tests import reference
 from tests.conftest import REPO
 
@@ -82,9 +83,9 @@ def test_parameter_count_of_the_paper_baseline(paper_baseline):
 
 
 def test_the_40x40_baseline_pools_to_a_parameter_count_near_capsnets():
-  config = train.TrainConfig(model='baseline', image_shape=(40, 40, 1),
-                             baseline_conv3_features=96, baseline_pool=2)
-  params = jax.eval_shape(lambda key: capsjax.init_params(config.build_model(), key,
+  config = TrainConfig.create(model='baseline', image_shape=(40, 40, 1),
+                              baseline_conv3_features=96, baseline_pool=2)
+  params = jax.eval_shape(lambda key: capsjax.init_params(models.build(config.model), key,
                                                           (40, 40, 1)), jax.random.PRNGKey(0))
   counts = capsjax.parameter_counts(params)
   # conv1 on 40x40, pooled 2x2: conv2 and conv3 on 20x20, so fc1 sees 20x20x96 features.

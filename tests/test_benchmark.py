@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from capsjax import train
+from capsjax import models
+from capsjax.training import TrainConfig
 from experiments.benchmark import flops_per_image, model_flops
 from tests.conftest import REPO
 
 
 def test_flops_of_the_paper_model_by_hand():
-  flops = model_flops(train.TrainConfig())
+  flops = model_flops(TrainConfig())
   assert flops['conv1'] == 2 * 20 * 20 * 9 * 9 * 1 * 256
   assert flops['primary_caps'] == 2 * 6 * 6 * 9 * 9 * 256 * 256
   assert flops['predictions'] == 2 * 1152 * 10 * 16 * 8
@@ -22,12 +23,12 @@ def test_flops_of_the_paper_model_by_hand():
   assert flops['decoder'] == 2 * (160 * 512 + 512 * 1024 + 1024 * 784)
   assert flops['forward'] == 406_405_120  # the "about 0.41 GFLOP"
   assert flops['train'] == 3 * flops['forward'] - flops['conv1']
-  no_decoder = model_flops(train.TrainConfig(recon_weight=0.0, routing_iters=1))
+  no_decoder = model_flops(TrainConfig.create(recon_weight=0.0, routing_iters=1))
   assert no_decoder['decoder'] == 0 and no_decoder['routing'] == 2 * 1152 * 10 * 16
 
 
 def test_flops_of_the_baseline_by_hand():
-  flops = flops_per_image(train.TrainConfig(model='baseline'))
+  flops = flops_per_image(TrainConfig.create(model='baseline'))
   # Taps inside the image along one axis: 5 per output, less 2 + 1 at each border.
   taps = (28 * 5 - 6) ** 2
   assert flops['conv1'] == 2 * taps * 1 * 256
@@ -36,24 +37,24 @@ def test_flops_of_the_baseline_by_hand():
   assert (flops['fc1'], flops['fc2'], flops['fc3']) == (
       2 * 28 * 28 * 128 * 328, 2 * 328 * 192, 2 * 192 * 10)
   assert flops['train'] == 3 * flops['forward'] - flops['conv1']
-  pooled = flops_per_image(train.TrainConfig(model='baseline', image_shape=(40, 40, 1),
-                                             baseline_conv3_features=96, baseline_pool=2))
+  pooled = flops_per_image(TrainConfig.create(model='baseline', image_shape=(40, 40, 1),
+                                              baseline_conv3_features=96, baseline_pool=2))
   assert pooled['conv1'] == 2 * (40 * 5 - 6) ** 2 * 1 * 256
   assert pooled['conv3'] == 2 * (20 * 5 - 6) ** 2 * 256 * 96  # after the 2x2 pooling
   assert pooled['fc1'] == 2 * 20 * 20 * 96 * 328
 
 
 @pytest.mark.parametrize('config', [
-    train.TrainConfig(),
-    train.TrainConfig(routing_iters=1, recon_weight=0.0, image_shape=(36, 36, 1), num_classes=5,
-                      conv_features=64, primary_types=8),
-    train.TrainConfig(model='baseline', image_shape=(12, 12, 1)),
-    train.TrainConfig(model='baseline', image_shape=(12, 12, 1), baseline_conv3_features=24,
-                      baseline_pool=2)])
+    TrainConfig(),
+    TrainConfig.create(routing_iters=1, recon_weight=0.0, image_shape=(36, 36, 1), num_classes=5,
+                       conv_features=64, primary_types=8),
+    TrainConfig.create(model='baseline', image_shape=(12, 12, 1)),
+    TrainConfig.create(model='baseline', image_shape=(12, 12, 1), baseline_conv3_features=24,
+                       baseline_pool=2)])
 def test_flops_agree_with_xla_cost_analysis(config):
   # XLA counts from the compiled program (and adds the elementwise work the count leaves out).
-  model = config.build_model().clone(conv_impl='xla')
-  images = jnp.zeros((4, *config.image_shape))
+  model = models.build(config.model).clone(conv_impl='xla')
+  images = jnp.zeros((4, *config.model.image_shape))
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
   cost = jax.jit(model.apply).lower(params, images).compile().cost_analysis()
   xla_per_image = cost['flops'] / 4
@@ -69,7 +70,7 @@ def test_benchmark_run_writes_its_table(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
-  assert result['flops_per_image'] == model_flops(train.TrainConfig())  # the 28x28 CapsNet
+  assert result['flops_per_image'] == model_flops(TrainConfig())  # the 28x28 CapsNet
   assert [(r['mode'], r['recipe'], r['batch'], r['routing_iters'])
           for r in result['model']] == [
       ('train', 'paper', 2, 1), ('train', 'fast', 2, 1), ('infer', 'paper', 2, 1)]

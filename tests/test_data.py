@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from capsjax import data
+from capsjax.data import mnist
 from tests.conftest import find_mnist, write_dataset, write_idx
 
 
@@ -88,12 +89,12 @@ def gzipped_mirror(folder, directory):
 
 def test_download_verifies_content_and_skips_verified_files(tmp_path, mnist_dir):
   mirror = 'file://' + gzipped_mirror(mnist_dir, str(tmp_path / 'mirror')) + '/'
-  target = data.download('mnist', str(tmp_path), base_url=mirror)
+  target = mnist.download('mnist', str(tmp_path), base_url=mirror)
   assert sorted(os.listdir(target)) == sorted(f + '.gz' for f in data.DATASETS['mnist'].sha256)
   ds = data.load_idx_dir(target)
   assert len(ds.train_labels) == 60000
   before = {f: os.stat(os.path.join(target, f)).st_mtime_ns for f in os.listdir(target)}
-  data.download('mnist', str(tmp_path), base_url='file:///nonexistent/')  # nothing fetched
+  mnist.download('mnist', str(tmp_path), base_url='file:///nonexistent/')  # nothing fetched
   assert before == {f: os.stat(os.path.join(target, f)).st_mtime_ns for f in os.listdir(target)}
 
 
@@ -101,13 +102,13 @@ def test_download_rejects_wrong_content_and_leaves_nothing(tmp_path):
   mirror = write_dataset(str(tmp_path / 'mirror'))
   with pytest.raises(data.DataError, match='sha256 of the content is .* expected '
                      + data.DATASETS['mnist'].sha256['train-images-idx3-ubyte']):
-    data.download('mnist', str(tmp_path / 'cache'), base_url='file://' + mirror + '/')
+    mnist.download('mnist', str(tmp_path / 'cache'), base_url='file://' + mirror + '/')
   assert os.listdir(tmp_path / 'cache' / 'mnist') == []
 
 
 def test_no_source_explains_how_to_provide_the_data(tmp_path, monkeypatch):
   monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-  monkeypatch.setattr(data, 'DATASETS', {'mnist': data.DATASETS['mnist'].__class__(
+  monkeypatch.setattr(mnist, 'DATASETS', {'mnist': data.DATASETS['mnist'].__class__(
       tfds_name='no_such_tfds_dataset', url='file:///nonexistent/',
       sha256=data.DATASETS['mnist'].sha256)})
   logged = []
@@ -156,9 +157,9 @@ def test_tests_without_any_mnist_fail_saying_what_was_tried(tmp_path):
 
 
 def test_a_folder_of_mnist_does_not_pass_for_fashion_mnist(mnist_dir, monkeypatch, tmp_path):
-  assert data.known_dataset(mnist_dir) == 'mnist'
-  assert data.known_dataset(write_dataset(str(tmp_path / 'own'))) is None
-  assert data.known_dataset(str(tmp_path / 'missing')) is None
+  assert mnist.known_dataset(mnist_dir) == 'mnist'
+  assert mnist.known_dataset(write_dataset(str(tmp_path / 'own'))) is None
+  assert mnist.known_dataset(str(tmp_path / 'missing')) is None
   with pytest.raises(data.DataError, match=f'{mnist_dir} holds the mnist files, not fashion_mnist'):
     data.load_dataset('fashion_mnist', mnist_dir)
   monkeypatch.setenv(data.DATA_DIR_ENV, mnist_dir)

@@ -1,6 +1,5 @@
 """--eval_file: any trained run, evaluated on a file of examples, exactly and with clear errors."""
 
-import dataclasses
 import json
 import os
 
@@ -8,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capsjax import data, evaluate, loop, train
+from capsjax import data, tasks
+from capsjax.analysis import evaluate
 from capsjax.errors import InputError
+from capsjax.training import evaluation_params, loop
 from tests.conftest import write_dataset
-from tests.test_loop import CONFIG, run_cli
+from tests.test_loop import CONFIG, mnist_task, run_cli
 
 
 @pytest.fixture(scope='module')
@@ -20,15 +21,15 @@ def trained(tmp_path_factory):
   directory = write_dataset(str(tmp_path_factory.mktemp('data')), num_train=64, num_test=40)
   dataset = data.load_idx_dir(directory)
   workdir = str(tmp_path_factory.mktemp('run') / 'run')
-  config = dataclasses.replace(CONFIG, ema_decay=0.5)
-  loop.train_and_evaluate(config, dataset, workdir, dataset_name='mnist', log=lambda _: None)
+  config = CONFIG.replace(ema_decay=0.5)
+  loop.train_and_evaluate(config, mnist_task(dataset), workdir, log=lambda _: None)
   return workdir, dataset
 
 
 def hand_accuracy(workdir, images, labels):
   """The share of images whose longest class capsule is their label, from the model itself."""
-  _, state, _ = loop.load_run(workdir)
-  out = state.apply_fn({'params': train.evaluation_params(state)},
+  _, state, _ = tasks.load_run(workdir)
+  out = state.apply_fn({'params': evaluation_params(state)},
                        jnp.asarray(images, jnp.float32) / 255.0)
   return float(np.mean(np.argmax(np.asarray(out.lengths), -1) == labels))
 

@@ -8,8 +8,8 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from tests.conftest import REPO, write_dataset
 

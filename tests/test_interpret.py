@@ -6,8 +6,12 @@ import numpy as np
 from PIL import Image
 
 import capsjax
-from capsjax.interpret import (PERTURBATIONS, coupling_maps, decode_perturbations,
-                               perturbed_capsules)
+from capsjax.analysis.interpret import (
+  PERTURBATIONS,
+  coupling_maps,
+  decode_perturbations,
+  perturbed_capsules,
+)
 from capsjax.visualize import coupling_figure, dimension_sheet
 
 

@@ -1,4 +1,4 @@
-"""`capsjax.loop` and what it relies on: runs that cannot silently go wrong.
+"""`capsjax.training.loop` and what it relies on: runs that cannot silently go wrong.
 
 Resume only into the same run, divergence that keeps the last good state, clear
 errors for bad input, a cut-off metrics line, one-line errors for InputError
@@ -19,13 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from PIL import Image
+import pytest
 
-from capsjax import data, loop, train, visualize
-from capsjax.checkpoint import Checkpointer
+from capsjax import data, files, tasks, visualize
+from capsjax.data import mnist
 from capsjax.errors import InputError
-from capsjax.losses import capsnet_loss_terms
+from capsjax.nn.losses import capsnet_loss_terms
+from capsjax.tasks import classification_losses
+from capsjax.training import Task, TrainConfig, create_train_state, loop, rundir, steps
+from capsjax.training.checkpoint import Checkpointer
 from tests import reference
 from tests.conftest import REPO, write_dataset
 
@@ -34,9 +37,14 @@ SMALL = dict(conv_features=16, primary_types=4, primary_dim=4, digit_dim=8, batc
              conv_impl='xla')
 SMALL_FLAGS = ['--conv_features=16', '--primary_types=4', '--primary_dim=4', '--digit_dim=8',
                '--batch_size=16', '--conv_impl=xla', '--progress_seconds=1000']
-CONFIG = train.TrainConfig(epochs=1, **SMALL)
+CONFIG = TrainConfig.create(epochs=1, **SMALL)
 # No huge-page restart of the subprocesses: it only costs time here.
 ENV = dict(os.environ, GLIBC_TUNABLES='glibc.malloc.hugetlb=0')
+
+
+def mnist_task(dataset, name='mnist'):
+  """The classification Task of `dataset`, as experiments.mnist makes it (without pictures)."""
+  return Task(name=name, dataset=dataset, loss_fn=classification_losses)
 
 
 def run_cli(*flags, timeout=300):
@@ -72,7 +80,7 @@ def fixed_batch(size=16, dtype=np.float32):
 
 @pytest.fixture(scope='module')
 def small_state():
-  return train.create_train_state(jax.random.PRNGKey(0), CONFIG)
+  return create_train_state(jax.random.PRNGKey(0), CONFIG, classification_losses)
 
 
 @pytest.fixture(scope='module')
@@ -86,11 +94,11 @@ def dataset(data_dir):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExplodesInEpoch2(train.TrainConfig):
+class ExplodesInEpoch2(TrainConfig):
   """The learning rate jumps to 1e30 at the first step of epoch 2 (optimizer count 4)."""
 
   def learning_rate_schedule(self, steps_per_epoch=None):
-    return optax.piecewise_constant_schedule(self.learning_rate, {4: 1e33})
+    return optax.piecewise_constant_schedule(self.optimizer.learning_rate, {4: 1e33})
 
 
 @pytest.fixture(scope='module')
@@ -101,9 +109,9 @@ def diverged_in_epoch_2(tmp_path_factory, dataset):
   that resume a trained epoch 1 (with CONFIG) do it on copies of this workdir.
   """
   workdir = str(tmp_path_factory.mktemp('diverged') / 'run')
-  config = ExplodesInEpoch2(**{**dataclasses.asdict(CONFIG), 'epochs': 2})
+  config = ExplodesInEpoch2.from_flat({**CONFIG.flat(), 'epochs': 2})
   with pytest.raises(loop.Diverged) as error:
-    loop.train_and_evaluate(config, dataset, workdir, dataset_name='mnist', log=lambda _: None)
+    loop.train_and_evaluate(config, mnist_task(dataset), workdir, log=lambda _: None)
   return workdir, error.value
 
 
@@ -118,11 +126,11 @@ def workdir(diverged_in_epoch_2, tmp_path):
 
 def test_resume_with_other_settings_names_each_with_saved_and_new_values(workdir, dataset):
   metrics_before = read_bytes(os.path.join(workdir, 'metrics.jsonl'))
-  changed = dataclasses.replace(CONFIG, epochs=5, routing_iters=2, seed=1, learning_rate=2e-3,
-                                batch_size=32, dtype='bfloat16')
+  changed = CONFIG.replace(epochs=5, routing_iters=2, seed=1, learning_rate=2e-3,
+                           batch_size=32, dtype='bfloat16', train_examples=48)
   with pytest.raises(InputError) as error:
-    loop.train_and_evaluate(changed, dataset, workdir, dataset_name='fashion_mnist',
-                            train_examples=48, log=lambda _: None)
+    loop.train_and_evaluate(changed, mnist_task(dataset, 'fashion_mnist'), workdir,
+                            log=lambda _: None)
   message = str(error.value)
   assert message.startswith(f'{workdir} holds a run made with other settings')
   differences = {line for line in message.splitlines() if line.startswith('  ')}
@@ -143,19 +151,19 @@ def test_resume_on_other_data_is_refused(workdir, tmp_path):
   other = data.load_idx_dir(write_dataset(str(tmp_path / 'other'), seed=1))
   with open(os.path.join(workdir, 'run.json')) as f:
     saved = json.load(f)['data_sha256']
-  new = loop.data_fingerprint(other.train_images, other.train_labels, other.test_images,
-                              other.test_labels)
+  new = rundir.data_fingerprint(other.train_images, other.train_labels, other.test_images,
+                                other.test_labels)
   assert new != saved
   with pytest.raises(InputError, match=re.escape(f'data_sha256: saved {saved!r}, now {new!r}')):
-    loop.train_and_evaluate(CONFIG, other, workdir, dataset_name='mnist', log=lambda _: None)
+    loop.train_and_evaluate(CONFIG, mnist_task(other), workdir, log=lambda _: None)
   with open(os.path.join(workdir, 'run.json')) as f:
     assert json.load(f)['data_sha256'] == saved  # the refused run wrote nothing over it
 
 
 def test_resume_with_other_architecture_is_refused_before_orbax(workdir, dataset):
-  wider = dataclasses.replace(CONFIG, digit_dim=16)
+  wider = CONFIG.replace(digit_dim=16)
   with pytest.raises(InputError, match=r'\n  digit_dim: saved 8, now 16\n'):
-    loop.train_and_evaluate(wider, dataset, workdir, dataset_name='mnist', log=lambda _: None)
+    loop.train_and_evaluate(wider, mnist_task(dataset), workdir, log=lambda _: None)
 
 
 def test_cli_resume_with_other_flags_exits_with_one_error(workdir, data_dir):
@@ -184,8 +192,8 @@ def resumed(diverged_in_epoch_2, dataset, tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(visualize, 'training_curves', spy)
-    record = loop.train_and_evaluate(dataclasses.replace(CONFIG, epochs=3), dataset, workdir,
-                                     dataset_name='mnist', log=lines.append)
+    record = loop.train_and_evaluate(CONFIG.replace(epochs=3), mnist_task(dataset), workdir,
+                                     log=lines.append)
   return workdir, lines, record, drawn
 
 
@@ -201,26 +209,29 @@ def test_resume_may_change_epochs(resumed):
 def test_curves_are_redrawn_each_epoch_from_every_epoch_of_the_run(resumed):
   workdir, _, _, drawn = resumed
   assert drawn == [[1, 2], [1, 2, 3]]  # epoch 1 from before the resume, the cut-off line not
-  assert os.path.isfile(os.path.join(workdir, loop.CURVES_FILE))
+  assert os.path.isfile(os.path.join(workdir, rundir.CURVES_FILE))
 
 
 def curve_colours(records, path):
   visualize.training_curves(records, path)
   pixels = np.asarray(Image.open(path).convert('RGB')).reshape(-1, 3).astype(int)
-  # matplotlib's first three line colours, in the order train, validation, test
-  # (without validation, test takes the second).
+  # Each split's own colour, the same in every panel (whichever other splits are drawn):
+  # train, validation, test.
   return [int(np.sum(np.abs(pixels - colour).sum(axis=1) < 30))
-          for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44))]
+          for colour in ((31, 119, 180), (255, 127, 14), (214, 39, 40))]
 
 
 def test_training_curves_draw_the_series_the_records_hold(tmp_path):
+  # A held-out split is drawn when the records hold its '{split}_error', as the loop's do.
   records = [{'epoch': e, 'train_loss': 1 / e, 'test_loss': 1.2 / e, 'train_accuracy': 1 - 0.1 / e,
-              'test_accuracy': 1 - 0.05 / e, 'learning_rate': 1e-3 * 0.9 ** e} for e in (1, 2, 3)]
+              'test_accuracy': 1 - 0.05 / e, 'test_error': 0.05 / e,
+              'learning_rate': 1e-3 * 0.9 ** e} for e in (1, 2, 3)]
   without = curve_colours(records, str(tmp_path / 'a.png'))
   with_validation = curve_colours(
-      [{**r, 'validation_loss': r['test_loss'] * 0.9, 'validation_accuracy': 0.97} for r in records],
+      [{**r, 'validation_loss': r['test_loss'] * 0.9, 'validation_accuracy': 0.97,
+        'validation_error': 0.03} for r in records],
       str(tmp_path / 'b.png'))
-  assert without[0] > 200 and without[1] > 200 and without[2] == 0
+  assert without[0] > 200 and without[1] == 0 and without[2] > 200
   assert all(count > 200 for count in with_validation)
   assert Image.open(tmp_path / 'a.png').size[0] > 800
 
@@ -261,7 +272,7 @@ def test_cli_divergence_exits_with_one_line_and_saves_nothing(tmp_path, data_dir
 
 # 3. Bad input gets a clear error.
 
-@pytest.mark.parametrize('step', [train.train_step, jax.jit(train.train_step), train.eval_step],
+@pytest.mark.parametrize('step', [steps.train_step, jax.jit(steps.train_step), steps.eval_step],
                          ids=['train_step', 'jit_train_step', 'eval_step'])
 def test_steps_reject_uint8_images_saying_divide_by_255(small_state, step):
   with pytest.raises(InputError, match=r"batch\['image'\] is uint8; .*divide uint8 pixels by 255"):
@@ -277,11 +288,11 @@ def test_check_batch_names_the_range_broken(image_scale, labels, message):
   batch = fixed_batch()
   batch = {'image': np.asarray(batch['image']) * image_scale, 'label': labels.astype(np.int32)}
   with pytest.raises(InputError, match=message):
-    train.check_batch(batch, num_classes=10)
+    steps.check_batch(batch, num_classes=10)
 
 
 def test_check_batch_accepts_a_good_batch():
-  assert train.check_batch(fixed_batch(), num_classes=10) is None
+  assert steps.check_batch(fixed_batch(), num_classes=10) is None
 
 
 def test_loop_refuses_labels_out_of_range(dataset, tmp_path):
@@ -291,7 +302,7 @@ def test_loop_refuses_labels_out_of_range(dataset, tmp_path):
   workdir = tmp_path / 'run'
   with pytest.raises(InputError, match=re.escape('by hand (training split): labels span 0..10, '
                                                  'outside 0..9; give class indices of the 10')):
-    loop.train_and_evaluate(CONFIG, bad, str(workdir), dataset_name='mnist', log=lambda _: None)
+    loop.train_and_evaluate(CONFIG, mnist_task(bad), str(workdir), log=lambda _: None)
   assert not workdir.exists()
 
 
@@ -308,7 +319,7 @@ def test_tfds_labels_out_of_range_stop_without_a_download(monkeypatch, tmp_path)
   def download(*args, **kwargs):
     raise AssertionError('fell back to a download')
 
-  monkeypatch.setattr(data, 'download', download)
+  monkeypatch.setattr(mnist, 'download', download)
   with pytest.raises(data.DataError, match=re.escape('tfds mnist train: labels span 0..12, '
                                                      'outside 0..9; give class indices')):
     data.load_dataset('mnist', cache_dir=str(tmp_path), log=lambda _: None)
@@ -331,8 +342,8 @@ def test_broken_metrics_line_before_the_last_stops_the_resume(workdir, dataset):
   with open(path, 'w') as f:
     f.write('{"epoch": 1, "st\n' + good)
   with pytest.raises(InputError, match=re.escape(f'{path}, line 1: not JSON; repair or remove')):
-    loop.train_and_evaluate(dataclasses.replace(CONFIG, epochs=2), dataset, workdir,
-                            dataset_name='mnist', log=lambda _: None)
+    loop.train_and_evaluate(CONFIG.replace(epochs=2), mnist_task(dataset), workdir,
+                            log=lambda _: None)
   with open(path) as f:
     assert f.read() == '{"epoch": 1, "st\n' + good
 
@@ -370,13 +381,13 @@ def test_run_main_keeps_the_traceback_of_other_value_errors():
 # 6. The shifts come from the state's rng.
 
 def first_step_loss(state, rng):
-  _, metrics = jax.jit(train.train_step)(state.replace(rng=rng), fixed_batch())
+  _, metrics = jax.jit(steps.train_step)(state.replace(rng=rng), fixed_batch())
   return float(metrics['loss'])
 
 
 def test_shifts_follow_the_state_rng():
-  state = train.create_train_state(jax.random.PRNGKey(0),
-                                   dataclasses.replace(CONFIG, recon_weight=0.0))
+  state = create_train_state(jax.random.PRNGKey(0), CONFIG.replace(recon_weight=0.0),
+                             classification_losses)
   key_a, key_b = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
   loss_a = first_step_loss(state, key_a)
   assert first_step_loss(state, key_a) == loss_a
@@ -384,14 +395,15 @@ def test_shifts_follow_the_state_rng():
 
 
 def test_without_shifts_the_rng_changes_nothing():
-  state = train.create_train_state(jax.random.PRNGKey(0),
-                                   dataclasses.replace(CONFIG, recon_weight=0.0, shift_pixels=0))
+  state = create_train_state(jax.random.PRNGKey(0),
+                             CONFIG.replace(recon_weight=0.0, shift_pixels=0),
+                             classification_losses)
   assert (first_step_loss(state, jax.random.PRNGKey(1))
           == first_step_loss(state, jax.random.PRNGKey(2)))
 
 
 def test_create_train_state_keys_the_rng_and_checkpoints_keep_it(small_state, tmp_path):
-  other = train.create_train_state(jax.random.PRNGKey(1), CONFIG)
+  other = create_train_state(jax.random.PRNGKey(1), CONFIG, classification_losses)
   assert not np.array_equal(small_state.rng, other.rng)
   checkpointer = Checkpointer(str(tmp_path))
   checkpointer.save(1, small_state)
@@ -436,11 +448,11 @@ def test_capsnet_loss_terms_match_a_float64_reference():
 def test_classification_losses_of_a_capsnet_are_its_loss_terms(small_state, training):
   batch = fixed_batch()
   images, labels = batch['image'], batch['label']
-  out = small_state.apply_fn({'params': small_state.params}, images,
-                             labels if training else None)
+  # The decoder reconstructs from the true class's capsule in training and evaluation alike.
+  out = small_state.apply_fn({'params': small_state.params}, images, labels)
   expected = capsnet_loss_terms(out.lengths, jax.nn.one_hot(labels, 10), out.reconstructions,
-                                images, CONFIG.recon_weight)
-  got = train.classification_losses(small_state, small_state.params, batch, training, None)
+                                images, CONFIG.model.recon_weight)
+  got = classification_losses(small_state, small_state.params, batch, training, None)
   assert set(got) == set(expected) | {'accuracy'}
   for name, value in expected.items():
     np.testing.assert_array_equal(got[name], value, err_msg=name)
@@ -466,34 +478,34 @@ def test_split_validation_holds_out_the_end_and_trains_on_the_rest():
 def test_validation_metrics_are_the_held_out_examples_evaluated(dataset, tmp_path):
   workdir = str(tmp_path / 'run')
   lines = []
-  record = loop.train_and_evaluate(CONFIG, dataset, workdir, dataset_name='mnist',
-                                   validation_examples=16, log=lines.append)
-  with open(os.path.join(workdir, loop.RUN_FILE)) as f:
+  record = loop.train_and_evaluate(CONFIG.replace(validation_examples=16), mnist_task(dataset),
+                                   workdir, log=lines.append)
+  with open(os.path.join(workdir, rundir.RUN_FILE)) as f:
     identity = json.load(f)
   assert identity['train_examples'] == 48 and identity['validation_examples'] == 16
   assert record['step'] == 3  # 48 examples in batches of 16: the held-out 16 were not trained on
-  _, state, _ = loop.load_run(workdir)
+  _, state, _ = tasks.load_run(workdir)
   batch = {'image': jnp.asarray(dataset.train_images[48:], jnp.float32) / 255.0,
            'label': jnp.asarray(dataset.train_labels[48:])}
-  sums = jax.device_get(jax.jit(train.eval_step)(state, batch))
+  sums = jax.device_get(jax.jit(steps.eval_step)(state, batch))
   assert record['validation_accuracy'] == pytest.approx(sums['accuracy'] / 16)
   assert record['validation_loss'] == pytest.approx(sums['loss'] / 16, rel=1e-5)
   assert record['validation_error'] == pytest.approx(1 - record['validation_accuracy'])
-  assert loop.read_metrics(os.path.join(workdir, loop.METRICS_FILE))[0]['validation_loss'] == \
+  assert rundir.read_metrics(os.path.join(workdir, rundir.METRICS_FILE))[0]['validation_loss'] == \
       pytest.approx(record['validation_loss'])
   assert '16 validation (the last of the training split)' in lines[0]
   assert 'validation acc' in lines[-2]
 
 
 def test_load_run_needs_a_loss_of_ones_own_given(workdir):
-  run_file = os.path.join(workdir, loop.RUN_FILE)
+  run_file = os.path.join(workdir, rundir.RUN_FILE)
   with open(run_file) as f:
     identity = json.load(f)
   assert identity['loss'] == 'classification_losses'
-  _, found, _ = loop.load_run(workdir)
-  loop.write_json(run_file, {**identity, 'loss': 'my_losses'})
-  with pytest.raises(InputError, match=r"its loss 'my_losses' is none of .*pass it as "
-                                       r'load_run\(workdir, loss_fn\)'):
-    loop.load_run(workdir)
-  _, given, _ = loop.load_run(workdir, train.classification_losses)
+  _, found, _ = tasks.load_run(workdir)
+  files.write_json(run_file, {**identity, 'loss': 'my_losses'})
+  with pytest.raises(InputError, match=r"its loss 'my_losses' is none of .*pass the function "
+                                       r'itself, as load_run\(workdir, loss_fn\)'):
+    tasks.load_run(workdir)
+  _, given, _ = tasks.load_run(workdir, classification_losses)
   jax.tree.map(np.testing.assert_array_equal, found.params, given.params)

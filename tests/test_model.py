@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import capsjax
-from capsjax import train
-from capsjax.conv import conv2d, resolve_impl
+from capsjax.nn.conv import conv2d, resolve_impl
+from capsjax.training import TrainConfig
 from tests import reference
 
 
@@ -71,7 +71,7 @@ def test_auto_conv_impl_is_chosen_by_platform(monkeypatch, platform, uses_xla_co
   jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d(x, w, 2))(jnp.zeros((1, 9, 9, 1)),
                                                           jnp.zeros((3, 3, 1, 2))))
   assert ('conv_general_dilated' in jaxpr) == uses_xla_conv
-  assert capsjax.CapsNet().conv_impl == 'auto' and train.TrainConfig().conv_impl == 'auto'
+  assert capsjax.CapsNet().conv_impl == 'auto' and TrainConfig().model.conv_impl == 'auto'
 
 
 def test_conv_layer_equals_flax_conv_with_same_parameters():

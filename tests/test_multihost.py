@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from capsjax import distributed, loop
-from capsjax.checkpoint import Checkpointer
+from capsjax import tasks
 from capsjax.errors import InputError
+from capsjax.training import distributed, loop, rundir
+from capsjax.training.checkpoint import Checkpointer
 from tests.conftest import REPO
 from tests.test_loop import ENV, SMALL_FLAGS
 
@@ -53,7 +54,7 @@ def train_two_processes(flags):
 
 
 def params_at(workdir, epoch):
-  config, state, _ = loop.load_run(workdir)
+  config, state, _ = tasks.load_run(workdir)
   with Checkpointer(os.path.join(workdir, 'checkpoints')) as checkpointer:
     return jax.tree.leaves(checkpointer.restore(state, epoch).params)
 
@@ -76,17 +77,17 @@ def test_two_processes_train_as_one(tmp_path, tiny_dataset):
   # interleaved from several threads).
   for ours in ('training', 'compiled', 'epoch', 'Test accuracy'):
     assert ours in first_out and ours not in second_out, ours
-  records = loop.read_metrics(os.path.join(two, loop.METRICS_FILE))
+  records = rundir.read_metrics(os.path.join(two, rundir.METRICS_FILE))
   assert [r['epoch'] for r in records] == [1] and records[0]['num_devices'] == GLOBAL_DEVICES
-  assert os.path.isfile(os.path.join(two, loop.CURVES_FILE))
+  assert os.path.isfile(os.path.join(two, rundir.CURVES_FILE))
   assert_same_params(params_at(two, 1), params_at(one, 1))
 
   out, _ = train_two_processes([*common, f'--workdir={two}', '--epochs=2'])
   assert 'Resumed from the checkpoint of epoch 1' in out
-  assert [r['epoch'] for r in loop.read_metrics(os.path.join(two, loop.METRICS_FILE))] == [1, 2]
+  assert [r['epoch'] for r in rundir.read_metrics(os.path.join(two, rundir.METRICS_FILE))] == [1, 2]
   assert_same_params(params_at(two, 2), params_at(one, 2))
-  single_record = loop.read_metrics(os.path.join(one, loop.METRICS_FILE))[-1]
-  two_record = loop.read_metrics(os.path.join(two, loop.METRICS_FILE))[-1]
+  single_record = rundir.read_metrics(os.path.join(one, rundir.METRICS_FILE))[-1]
+  two_record = rundir.read_metrics(os.path.join(two, rundir.METRICS_FILE))[-1]
   for key in ('train_loss', 'test_loss', 'test_accuracy'):
     assert two_record[key] == pytest.approx(single_record[key], rel=1e-5), key
 

@@ -9,11 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from PIL import Image
+import pytest
 
-from capsjax import BaselineCNN, data, layers, loop, multimnist, train
-from capsjax.losses import reconstruction_loss
+from capsjax import BaselineCNN, data, tasks
+from capsjax.data import multimnist
+from capsjax.nn import layers
+from capsjax.nn.losses import reconstruction_loss
+from capsjax.tasks.multimnist import multimnist_losses, pair_metrics
+from capsjax.training import TrainConfig, TrainState, create_train_state, evaluation_params, rundir
 from tests.conftest import REPO
 from tests.test_loop import ENV
 
@@ -97,15 +101,15 @@ def test_pairs_are_a_function_of_the_key_and_the_base_alone(digits, pairs):
     ([0.2, 0.7, 0.7, 0.7], [2, 3], 0.0, 0.5),
 ])
 def test_two_longest_rule(lengths, labels, accuracy, digit_accuracy):
-  metrics = multimnist.pair_metrics(jnp.asarray([lengths]), jnp.asarray([labels]))
+  metrics = pair_metrics(jnp.asarray([lengths]), jnp.asarray([labels]))
   assert float(metrics['accuracy'][0]) == accuracy
   assert float(metrics['digit_accuracy'][0]) == digit_accuracy
 
 
 @pytest.fixture(scope='module')
 def small_state():
-  config = train.TrainConfig(**SMALL)
-  return train.create_train_state(jax.random.PRNGKey(0), config, multimnist.multimnist_losses)
+  config = TrainConfig.create(**SMALL)
+  return create_train_state(jax.random.PRNGKey(0), config, multimnist_losses)
 
 
 @pytest.fixture(scope='module')
@@ -115,7 +119,7 @@ def batch(digits):
 
 
 def test_loss_is_the_two_digit_margin_loss_plus_each_digits_reconstruction(small_state, batch):
-  terms = multimnist.multimnist_losses(small_state, small_state.params, batch, True, None)
+  terms = multimnist_losses(small_state, small_state.params, batch, True, None)
   out = small_state.apply_fn({'params': small_state.params}, batch['image'])
   lengths = np.asarray(out.lengths, np.float64)
   targets = np.zeros((6, 10))
@@ -158,12 +162,12 @@ def test_each_reconstruction_term_sends_no_gradient_to_the_other_digits_capsule(
 def test_baseline_loss_is_sigmoid_cross_entropy_on_both_classes(batch):
   # The paper's CNN at 36x36 has 56.9M parameters; a narrow one has the same loss.
   model = BaselineCNN(conv_features=(8, 8, 8), hidden=(16, 16), conv_impl='xla')
-  config = train.TrainConfig(model='baseline', image_shape=(36, 36, 1))
-  state = train.TrainState.create(
+  config = TrainConfig.create(model='baseline', image_shape=(36, 36, 1))
+  state = TrainState.create(
       apply_fn=model.apply, params=model.init(jax.random.PRNGKey(0), batch['image'])['params'],
       tx=optax.sgd(0.0), rng=jax.random.PRNGKey(1), config=config,
-      loss_fn=multimnist.multimnist_losses)
-  terms = multimnist.multimnist_losses(state, state.params, batch, False, None)
+      loss_fn=multimnist_losses)
+  terms = multimnist_losses(state, state.params, batch, False, None)
   logits = np.asarray(state.apply_fn({'params': state.params}, batch['image'], train=False),
                       np.float64)
   targets = np.zeros((6, 10))
@@ -184,7 +188,7 @@ def test_command_trains_draws_and_exports(tmp_path, mnist_dir):
             '--test_examples=96', '--batch_size=32']
   proc = run(*common, '--epochs=1')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  record = loop.read_metrics(os.path.join(workdir, 'metrics.jsonl'))[0]
+  record = rundir.read_metrics(os.path.join(workdir, 'metrics.jsonl'))[0]
   assert record['step'] == 6
   for key in ('test_accuracy', 'test_digit_accuracy', 'test_error', 'train_reconstruction_loss'):
     assert np.isfinite(record[key]), key
@@ -210,13 +214,13 @@ def test_command_trains_draws_and_exports(tmp_path, mnist_dir):
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   with open(os.path.join(workdir, 'eval_pairs.json')) as f:
     result = json.load(f)
-  _, state, _ = loop.load_run(workdir)  # finds its loss by the name run.json records
+  _, state, _ = tasks.load_run(workdir)  # finds its loss by the name run.json records
   with np.load(path) as f:
     batch = {'image': jnp.asarray(f['image'], jnp.float32) / 255.0,
              'digits': jnp.asarray(f['digits'], jnp.float32) / 255.0,
              'label': jnp.asarray(f['label'], jnp.int32)}
-  terms = jax.jit(multimnist.multimnist_losses, static_argnums=3)(
-      state, train.evaluation_params(state), batch, False, None)
+  terms = jax.jit(multimnist_losses, static_argnums=3)(
+      state, evaluation_params(state), batch, False, None)
   assert result['examples'] == 96
   for term in ('accuracy', 'digit_accuracy', 'loss', 'reconstruction_loss'):
     assert result[term] == pytest.approx(float(np.mean(terms[term])), rel=1e-4), term

@@ -18,11 +18,22 @@ import numpy as np
 import optax
 import pytest
 
-from capsjax import data, loop, train
-from capsjax.checkpoint import Checkpointer
+from capsjax import data, settings, tasks
 from capsjax.errors import InputError
+from capsjax.tasks import classification_losses
+from capsjax.training import (
+  RECIPES,
+  Task,
+  TrainConfig,
+  create_train_state,
+  evaluation_params,
+  loop,
+  rundir,
+  steps,
+)
+from capsjax.training.checkpoint import Checkpointer
 from tests.conftest import REPO, write_dataset
-from tests.test_loop import SMALL_FLAGS, run_cli, strict_records
+from tests.test_loop import SMALL_FLAGS, mnist_task, run_cli, strict_records
 from tests.test_train import SMALL, fixed_batch
 
 # The paper's model: what no recipe may change.
@@ -30,12 +41,13 @@ MODEL_FIELDS = ('model', 'routing_iters', 'recon_weight', 'shift_pixels', 'conv_
                 'primary_types', 'primary_dim', 'digit_dim', 'image_shape', 'num_classes')
 
 CONFIG_SCRIPT = """
-import dataclasses, json, sys, types
+import json, sys, types
 import numpy as np
+from capsjax import settings
 from experiments import common
 common.FLAGS(['experiment', *sys.argv[1:]])
 dataset = types.SimpleNamespace(train_images=np.zeros((1, 28, 28, 1), np.uint8), num_classes=10)
-print(json.dumps(dataclasses.asdict(common.config_from_flags(dataset))))
+print(json.dumps(settings.flatten(common.config_from_flags(dataset))))
 """
 
 
@@ -46,29 +58,30 @@ def config_from_argv(*argv):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   values = json.loads(proc.stdout.strip().splitlines()[-1])
-  return train.TrainConfig(**{**values, 'image_shape': tuple(values['image_shape'])})
+  return TrainConfig.create(**{**values, 'image_shape': tuple(values['image_shape'])})
 
 
 def test_fast_recipe_sets_exactly_its_fields_and_keeps_the_model():
   paper, fast = config_from_argv('--recipe=paper'), config_from_argv('--recipe=fast')
-  assert paper == train.TrainConfig()
-  assert fast == dataclasses.replace(paper, epochs=12, batch_size=64, learning_rate=2e-3,
-                                     lr_schedule='cosine', warmup_epochs=1.0, ema_decay=0.999)
-  changed = {f.name for f in dataclasses.fields(paper)
-             if getattr(paper, f.name) != getattr(fast, f.name)}
-  assert changed == set(train.RECIPES['fast'])
+  assert paper == TrainConfig()
+  assert fast == paper.replace(epochs=12, batch_size=64, learning_rate=2e-3,
+                               lr_schedule='cosine', warmup_epochs=1.0, ema_decay=0.999)
+  paper_settings, fast_settings = settings.flatten(paper), settings.flatten(fast)
+  changed = {name for name in paper_settings if paper_settings[name] != fast_settings[name]}
+  assert changed == set(RECIPES['fast'])
   assert not changed & set(MODEL_FIELDS)
 
 
 def test_flags_given_on_the_command_line_win_over_the_recipe():
   config = config_from_argv('--recipe=fast', '--epochs=3', '--learning_rate=1e-3')
-  assert (config.epochs, config.learning_rate) == (3, 1e-3)
-  assert (config.lr_schedule, config.batch_size, config.ema_decay) == ('cosine', 64, 0.999)
+  assert (config.epochs, config.optimizer.learning_rate) == (3, 1e-3)
+  assert (config.optimizer.lr_schedule, config.batch_size,
+          config.optimizer.ema_decay) == ('cosine', 64, 0.999)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero_at_the_runs_end():
-  config = train.TrainConfig(epochs=4, learning_rate=2e-3, lr_schedule='cosine',
-                             warmup_epochs=1.0)
+  config = TrainConfig.create(epochs=4, learning_rate=2e-3, lr_schedule='cosine',
+                              warmup_epochs=1.0)
   steps_per_epoch = 10
   schedule = config.learning_rate_schedule(steps_per_epoch)
   warmup, total = 10, 40
@@ -84,22 +97,22 @@ def test_cosine_schedule_warms_up_then_decays_to_zero_at_the_runs_end():
   with pytest.raises(InputError, match='steps per epoch'):
     config.learning_rate_schedule()
   assert config.resumable_settings() == ()
-  assert train.TrainConfig().resumable_settings() == ('epochs',)
+  assert TrainConfig().resumable_settings() == ('epochs',)
 
 
 def test_evaluated_weights_are_optaxs_ema_of_the_trained_weights():
-  config = train.TrainConfig(shift_pixels=0, batch_size=16, ema_decay=0.9, **SMALL)
-  state = train.create_train_state(jax.random.PRNGKey(0), config)
+  config = TrainConfig.create(shift_pixels=0, batch_size=16, ema_decay=0.9, **SMALL)
+  state = create_train_state(jax.random.PRNGKey(0), config, classification_losses)
   # Before any step the evaluated weights are the initial ones.
-  for a, b in zip(jax.tree.leaves(train.evaluation_params(state)), jax.tree.leaves(state.params)):
+  for a, b in zip(jax.tree.leaves(evaluation_params(state)), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)
   ema = optax.ema(0.9, debias=True)
   reference_state = ema.init(state.params)
-  step = jax.jit(train.train_step)
+  step = jax.jit(steps.train_step)
   for n in range(4):
     state, _ = step(state, fixed_batch(seed=n))
     expected, reference_state = ema.update(state.params, reference_state)
-  got = train.evaluation_params(state)
+  got = evaluation_params(state)
   for a, b, trained in zip(jax.tree.leaves(got), jax.tree.leaves(expected),
                            jax.tree.leaves(state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -107,10 +120,10 @@ def test_evaluated_weights_are_optaxs_ema_of_the_trained_weights():
                                                      jax.tree.leaves(state.params)))
   # eval_step scores the average; the trained weights score differently.
   batch = fixed_batch(seed=9)
-  sums = jax.jit(train.eval_step)(state, batch)
-  terms = train.classification_losses(state, expected, batch, False, None)
+  sums = jax.jit(steps.eval_step)(state, batch)
+  terms = classification_losses(state, expected, batch, False, None)
   np.testing.assert_allclose(sums['loss'], np.sum(terms['loss']), rtol=1e-5)
-  raw = train.eval_step(state.replace(ema=None), batch)
+  raw = steps.eval_step(state.replace(ema=None), batch)
   assert float(raw['loss']) != pytest.approx(float(sums['loss']), rel=1e-6)
 
 
@@ -118,13 +131,13 @@ def test_weight_decay_shrinks_kernels_by_lr_times_decay_and_leaves_biases():
   # Two runs from the same initialisation on the same batch take the same Adam step;
   # AdamW's decoupled decay adds -lr * weight_decay * initial value, to kernels only.
   decay, lr = 0.5, 1e-3
-  config = train.TrainConfig(shift_pixels=0, learning_rate=lr, **SMALL)
-  decayed_config = dataclasses.replace(config, weight_decay=decay)
-  step = jax.jit(train.train_step)
-  initial = train.create_train_state(jax.random.PRNGKey(0), config)
+  config = TrainConfig.create(shift_pixels=0, learning_rate=lr, **SMALL)
+  decayed_config = config.replace(weight_decay=decay)
+  step = jax.jit(steps.train_step)
+  initial = create_train_state(jax.random.PRNGKey(0), config, classification_losses)
   plain, _ = step(initial, fixed_batch())
-  decayed, _ = step(train.create_train_state(jax.random.PRNGKey(0), decayed_config),
-                    fixed_batch())
+  decayed, _ = step(create_train_state(jax.random.PRNGKey(0), decayed_config,
+                                       classification_losses), fixed_batch())
   kernels = 0
   for p0, a, b in zip(jax.tree.leaves(initial.params), jax.tree.leaves(plain.params),
                       jax.tree.leaves(decayed.params)):
@@ -133,18 +146,19 @@ def test_weight_decay_shrinks_kernels_by_lr_times_decay_and_leaves_biases():
     kernels += p0.ndim >= 2
     np.testing.assert_allclose(b - a, expected, atol=1e-7)  # float32 rounding of the params
   assert kernels >= 4
-  assert train.TrainConfig().weight_decay == 0  # the paper trains with plain Adam
+  assert TrainConfig().optimizer.weight_decay == 0  # the paper trains with plain Adam
   with pytest.raises(InputError, match='weight_decay'):
-    dataclasses.replace(config, weight_decay=-1.0).optimizer()
+    config.replace(weight_decay=-1.0).optimizer_transform()
 
 
 def test_checkpoints_keep_the_ema(tmp_path):
-  config = train.TrainConfig(ema_decay=0.99, **SMALL)
-  state, _ = jax.jit(train.train_step)(train.create_train_state(jax.random.PRNGKey(0), config),
-                                       fixed_batch())
+  config = TrainConfig.create(ema_decay=0.99, **SMALL)
+  state, _ = jax.jit(steps.train_step)(
+      create_train_state(jax.random.PRNGKey(0), config, classification_losses), fixed_batch())
   with Checkpointer(str(tmp_path)) as checkpointer:
     checkpointer.save(1, state)
-    restored = checkpointer.restore(train.create_train_state(jax.random.PRNGKey(1), config))
+    restored = checkpointer.restore(create_train_state(jax.random.PRNGKey(1), config,
+                                                       classification_losses))
   assert int(restored.ema.count) == 1
   for a, b in zip(jax.tree.leaves(state.ema), jax.tree.leaves(restored.ema)):
     np.testing.assert_array_equal(a, b)
@@ -165,38 +179,37 @@ def test_a_cosine_ema_run_never_trains_on_its_validation_split(marked_dataset, t
   seen = []
 
   def recording_batch(images, labels, indices, key=None):
-    batch = train.take_batch(images, labels, indices, key)
+    batch = steps.take_batch(images, labels, indices, key)
     if key is not None:  # a training batch
       jax.debug.callback(lambda corner: seen.append(np.asarray(corner)),
                          batch['image'][:, 0, 0, 0])
     return batch
 
-  config = train.TrainConfig(epochs=2, batch_size=16, lr_schedule='cosine', warmup_epochs=0.5,
-                             ema_decay=0.9, **SMALL)
+  config = TrainConfig.create(epochs=2, batch_size=16, lr_schedule='cosine', warmup_epochs=0.5,
+                              ema_decay=0.9, validation_examples=16, **SMALL)
   workdir = str(tmp_path / 'run')
-  record = loop.train_and_evaluate(config, marked_dataset, workdir, dataset_name='mnist',
-                                   validation_examples=16, make_batch=recording_batch,
-                                   log=lambda _: None)
+  task = Task(name='mnist', dataset=marked_dataset, loss_fn=classification_losses,
+              make_batch=recording_batch)
+  record = loop.train_and_evaluate(config, task, workdir, log=lambda _: None)
   jax.effects_barrier()
   assert len(seen) == 6 and all(len(corner) == 16 for corner in seen)  # 48 examples, batch 16
   assert max(float(np.max(corner)) for corner in seen) == 0.0
-  records = strict_records(os.path.join(workdir, loop.METRICS_FILE))
+  records = strict_records(os.path.join(workdir, rundir.METRICS_FILE))
   assert [r['learning_rate'] for r in records] == pytest.approx([
       float(config.learning_rate_schedule(3)(3)), 0.0])
   # The trained weights' validation figures sit beside the EMA's.
-  _, state, _ = loop.load_run(workdir)
+  _, state, _ = tasks.load_run(workdir)
   batch = {'image': jnp.asarray(marked_dataset.train_images[48:], jnp.float32) / 255.0,
            'label': jnp.asarray(marked_dataset.train_labels[48:])}
   for key, evaluated in (('validation', state), ('validation_raw', state.replace(ema=None))):
-    sums = jax.device_get(jax.jit(train.eval_step)(evaluated, batch))
+    sums = jax.device_get(jax.jit(steps.eval_step)(evaluated, batch))
     assert record[f'{key}_loss'] == pytest.approx(sums['loss'] / 16, rel=1e-5)
     assert record[f'{key}_accuracy'] == pytest.approx(sums['accuracy'] / 16)
 
   # Its schedule spans the two epochs: a resume that asks for more is refused.
-  longer = dataclasses.replace(config, epochs=3)
+  longer = config.replace(epochs=3)
   with pytest.raises(InputError, match=r'epochs: saved 2, now 3[\s\S]*not even epochs'):
-    loop.train_and_evaluate(longer, marked_dataset, workdir, dataset_name='mnist',
-                            validation_examples=16, log=lambda _: None)
+    loop.train_and_evaluate(longer, mnist_task(marked_dataset), workdir, log=lambda _: None)
 
 
 def test_cli_fast_recipe_smoke_run(tmp_path):
@@ -206,14 +219,14 @@ def test_cli_fast_recipe_smoke_run(tmp_path):
                  f'--data_dir={directory}', f'--workdir={workdir}',
                  *[flag for flag in SMALL_FLAGS if not flag.startswith('--batch_size')])
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(workdir / loop.RUN_FILE) as f:
+  with open(workdir / rundir.RUN_FILE) as f:
     saved = json.load(f)
-  assert {name: saved[name] for name in train.RECIPES['fast'] if name != 'epochs'} == {
-      name: value for name, value in train.RECIPES['fast'].items() if name != 'epochs'}
+  assert {name: saved[name] for name in RECIPES['fast'] if name != 'epochs'} == {
+      name: value for name, value in RECIPES['fast'].items() if name != 'epochs'}
   assert (saved['epochs'], saved['train_examples'], saved['validation_examples']) == (2, 256, 64)
-  records = strict_records(workdir / loop.METRICS_FILE)
+  records = strict_records(workdir / rundir.METRICS_FILE)
   assert [r['step'] for r in records] == [4, 8]  # 256 examples in batches of 64
   assert records[-1]['learning_rate'] == 0.0
   for record in records:
     assert 0 <= record['validation_raw_accuracy'] <= 1 and 0 <= record['test_accuracy'] <= 1
-  assert 'trained weights' in proc.stdout and (workdir / loop.CURVES_FILE).exists()
+  assert 'trained weights' in proc.stdout and (workdir / rundir.CURVES_FILE).exists()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from capsjax import runtime
+from experiments import runtime
 from tests.conftest import REPO
 
 # Prints what it runs with, restarts, and shows how much of a large, touched
@@ -14,7 +14,7 @@ from tests.conftest import REPO
 # NumPy array: NumPy asks for huge pages for its own large arrays.
 SCRIPT = r'''
 import ctypes, os, sys
-from capsjax import runtime
+from experiments import runtime
 print('RUN', os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True)
 runtime.restart_with_huge_pages()
 libc = ctypes.CDLL(None)
@@ -85,7 +85,7 @@ def test_huge_pages_unavailable_when_the_kernel_says_never(tmp_path, monkeypatch
 @needs_huge_pages
 def test_does_not_restart_a_program_read_from_stdin():
   # Restarted, `python -` would read an empty stdin and exit 0 having run nothing.
-  script = ('from capsjax import runtime\n'
+  script = ('from experiments import runtime\n'
             'print("BEFORE", flush=True)\n'
             'print("RETURNED", runtime.restart_with_huge_pages())\n'
             'print("AFTER")\n')

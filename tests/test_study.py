@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 import capsjax
-from capsjax import interpret
+from capsjax.analysis import interpret
 from tests.conftest import REPO, write_dataset
 
 # lax.conv compiles in a fraction of the matmul convolution's time: these tests are about

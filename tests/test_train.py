@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import train
-from capsjax.checkpoint import Checkpointer
+from capsjax.tasks import classification_losses
+from capsjax.training import TrainConfig, create_train_state, steps
+from capsjax.training.checkpoint import Checkpointer
 from tests.conftest import REPO
 
 # lax.conv compiles faster than the default; tests/test_model.py shows the two agree.
@@ -25,10 +26,10 @@ def fixed_batch(size=16, seed=0):
 
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
-  config = train.TrainConfig(shift_pixels=0, batch_size=16, **SMALL)
-  state = train.create_train_state(jax.random.PRNGKey(0), config)
+  config = TrainConfig.create(shift_pixels=0, batch_size=16, **SMALL)
+  state = create_train_state(jax.random.PRNGKey(0), config, classification_losses)
   batch = fixed_batch()
-  step = jax.jit(train.train_step)
+  step = jax.jit(steps.train_step)
   losses, cache_sizes = [], []
   for _ in range(12):
     state, metrics = step(state, batch)
@@ -43,32 +44,32 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
 
 
 def test_recon_weight_zero_trains_without_decoder():
-  config = train.TrainConfig(recon_weight=0.0, **SMALL)
-  state = train.create_train_state(jax.random.PRNGKey(0), config)
+  config = TrainConfig.create(recon_weight=0.0, **SMALL)
+  state = create_train_state(jax.random.PRNGKey(0), config, classification_losses)
   assert 'decoder' not in state.params
-  _, metrics = jax.jit(train.train_step)(state, fixed_batch())
+  _, metrics = jax.jit(steps.train_step)(state, fixed_batch())
   assert float(metrics['reconstruction_loss']) == 0.0
 
 
 def test_eval_step_padding_counts_nowhere():
-  config = train.TrainConfig(**SMALL)
-  state = train.create_train_state(jax.random.PRNGKey(0), config)
+  config = TrainConfig.create(**SMALL)
+  state = create_train_state(jax.random.PRNGKey(0), config, classification_losses)
   batch = fixed_batch(10)
   padded = {k: jnp.concatenate([v, v[:6]]) for k, v in batch.items()}
   padded['mask'] = jnp.concatenate([jnp.ones(10), jnp.zeros(6)])
-  plain, masked = train.eval_step(state, batch), jax.jit(train.eval_step)(state, padded)
+  plain, masked = steps.eval_step(state, batch), jax.jit(steps.eval_step)(state, padded)
   assert float(masked['count']) == 10
   np.testing.assert_allclose(masked['loss'], plain['loss'], rtol=1e-5)
   assert float(masked['accuracy']) == float(plain['accuracy'])
 
 
 def test_checkpoint_round_trip(tmp_path):
-  config = train.TrainConfig(**SMALL)
-  state = train.create_train_state(jax.random.PRNGKey(0), config)
-  state, _ = jax.jit(train.train_step)(state, fixed_batch())
+  config = TrainConfig.create(**SMALL)
+  state = create_train_state(jax.random.PRNGKey(0), config, classification_losses)
+  state, _ = jax.jit(steps.train_step)(state, fixed_batch())
   checkpointer = Checkpointer(str(tmp_path))
   checkpointer.save(3, state)
-  fresh = train.create_train_state(jax.random.PRNGKey(1), config)
+  fresh = create_train_state(jax.random.PRNGKey(1), config, classification_losses)
   restored = checkpointer.restore(fresh)
   assert checkpointer.latest_epoch() == 3 and int(restored.step) == 1
   for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
@@ -78,17 +79,18 @@ def test_checkpoint_round_trip(tmp_path):
 
 PMAP_SCRIPT = r'''
 import json, jax, jax.numpy as jnp, numpy as np, flax.jax_utils
-from capsjax import train
+from capsjax.tasks import classification_losses
+from capsjax.training import TrainConfig, create_train_state, steps
 assert jax.local_device_count() == 8, jax.devices()
-config = train.TrainConfig(batch_size=16, **SMALL)
+config = TrainConfig.create(batch_size=16, **SMALL)
 rng = np.random.default_rng(0)
 images = jnp.asarray(rng.integers(0, 256, size=(64, 28, 28, 1)), jnp.uint8)
 labels = jnp.asarray(rng.integers(0, 10, size=64), jnp.int32)
 result = {}
 for devices in (jax.devices()[:1], jax.devices()):
-  p_train, p_eval = train.pmap_steps(devices)
-  put = lambda x: train.replicate(x, devices)
-  state = put(train.create_train_state(jax.random.PRNGKey(0), config))
+  p_train, p_eval = steps.pmap_steps(devices)
+  put = lambda x: steps.replicate(x, devices)
+  state = put(create_train_state(jax.random.PRNGKey(0), config, classification_losses))
   data = (put(images), put(labels))
   losses = []
   for step in range(3):

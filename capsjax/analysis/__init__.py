@@ -1,1 +1,1 @@
-"""What a trained run does: capsule dimensions and couplings (interpret), scores on a file (evaluate)."""
+"""What a trained run does: what capsules encode (interpret), its scores on a file (evaluate)."""

@@ -118,7 +118,8 @@ def evaluate_file(workdir, path, log=print):
   put = steps.replicate
   means = loop.evaluate(p_eval, put(state), put(jax.tree.map(jnp.asarray, arrays)),
                         put(jnp.asarray(labels)), count, batch_size)
-  result = {'file': os.path.abspath(path), 'file_sha256': files.file_sha256(path), 'examples': count,
+  result = {'file': os.path.abspath(path), 'file_sha256': files.file_sha256(path),
+            'examples': count,
             'workdir': os.path.abspath(workdir), 'epoch': identity['epoch'],
             'step': int(state.step), **means, 'error': 1.0 - means['accuracy'],
             'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}

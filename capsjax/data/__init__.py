@@ -6,8 +6,15 @@
   affine      expanded MNIST, the generated affine test set, the affNIST reader (section 5.2)
 """
 
-from capsjax.data.mnist import (DATA_DIR_ENV, DATASETS, DataError, Dataset, check_labels,
-                                load_dataset, load_idx_dir)
+from capsjax.data.mnist import (
+                                DATA_DIR_ENV,
+                                DATASETS,
+                                DataError,
+                                Dataset,
+                                check_labels,
+                                load_dataset,
+                                load_idx_dir,
+)
 
 __all__ = ['DATASETS', 'DATA_DIR_ENV', 'DataError', 'Dataset', 'check_labels', 'load_dataset',
            'load_idx_dir']

@@ -7,10 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax.nn.conv import output_size
 from capsjax.errors import InputError
-from capsjax.nn.layers import (Conv2D, Decoder, PrimaryCapsules, RoutedCapsules, check_images,
-                            decoder_mask)
+from capsjax.nn.conv import output_size
+from capsjax.nn.layers import (
+  Conv2D,
+  Decoder,
+  PrimaryCapsules,
+  RoutedCapsules,
+  check_images,
+  decoder_mask,
+)
 from capsjax.nn.ops import safe_norm
 
 

@@ -5,8 +5,8 @@ from typing import Tuple
 
 import jax.numpy as jnp
 
-from capsjax.nn.conv import CONV_IMPLS
 from capsjax import settings
+from capsjax.nn.conv import CONV_IMPLS
 from capsjax.settings import setting
 
 ARCHITECTURES = ('capsnet', 'baseline')

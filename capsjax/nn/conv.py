@@ -13,10 +13,10 @@ training step.
 import math
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+import jax.numpy as jnp
 
 # Kernel rows are grouped until a matmul contracts over at least this many
 # values: Conv1 (1 input channel) then uses one im2col matmul with K = 81,

@@ -7,8 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from capsjax.nn.conv import conv2d
 from capsjax.errors import InputError
+from capsjax.nn.conv import conv2d
 from capsjax.nn.ops import squash
 from capsjax.nn.routing import batched_dynamic_routing
 

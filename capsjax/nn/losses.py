@@ -1,4 +1,4 @@
-"""Losses: CapsNet's margin and reconstruction losses and their total; the baseline's cross-entropy."""
+"""Losses: CapsNet's margin and reconstruction losses and their total; the baseline's."""
 
 import jax
 import jax.numpy as jnp

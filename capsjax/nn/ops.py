@@ -7,7 +7,7 @@ NORM_EPSILON = 1e-7
 
 
 def _accumulation_dtype(dtype):
-  """float32 for half-precision inputs (their sums of squares overflow or lose digits), else dtype."""
+  """float32 for half-precision inputs (their sums of squares overflow or lose digits)."""
   return jnp.promote_types(dtype, jnp.float32)
 
 

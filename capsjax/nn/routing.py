@@ -8,8 +8,8 @@ import functools
 import operator
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from capsjax.nn.ops import squash
 

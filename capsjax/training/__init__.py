@@ -10,8 +10,7 @@
   distributed joining the processes of a multi-host run
 """
 
-from capsjax.training.config import (RECIPES, DataConfig, OptimizerConfig, RunConfig,
-                                     TrainConfig)
+from capsjax.training.config import RECIPES, DataConfig, OptimizerConfig, RunConfig, TrainConfig
 from capsjax.training.loop import Diverged, train_and_evaluate
 from capsjax.training.state import TrainState, create_train_state, evaluation_params
 from capsjax.training.steps import check_batch, eval_step, pmap_steps, train_step

@@ -38,7 +38,7 @@ class Diverged(InputError):
 
 
 def split_validation(images, labels, validation_examples, train_examples=0):
-  """Hold out the last `validation_examples` of a training split; train on (the first N of) the rest.
+  """Hold out the last `validation_examples` of a training split; train on the rest.
 
   Args:
     images: [N, ...], labels: [N, ...], the training split.
@@ -157,9 +157,10 @@ class Splits:
                        f'{config.batch_size}; lower --batch_size or raise --train_examples.')
     if not len(test_x):
       raise InputError(f'{dataset.source}: the test split is empty; give it test examples.')
+    # Every split holds class indices [N]; make_batch may build other labels from them
+    # (MultiMNIST's pairs).
     for split, labels in (('training', train_y), *((n, y) for n, (_, y, _) in held_out.items())):
-      data.check_labels(labels, config.model.num_classes, f'{dataset.source} ({split} split)',
-                        task.label_shape)
+      data.check_labels(labels, config.model.num_classes, f'{dataset.source} ({split} split)')
 
     self.counts = {'train_examples': len(train_x), 'test_examples': len(test_x),
                    'validation_examples': counts.validation_examples}
@@ -348,7 +349,8 @@ def train_and_evaluate(config: TrainConfig, task: Task, workdir: str, *, eval_on
 
     for epoch in range(start_epoch + 1, last_epoch + 1):
       epoch_start = time.perf_counter()
-      order = np.random.default_rng([config.seed, epoch]).permutation(splits.counts['train_examples'])
+      order = np.random.default_rng([config.seed, epoch]).permutation(
+          splits.counts['train_examples'])
       check = divergence_check(epoch, splits.steps_per_epoch, int(state.step), checkpoint_dir)
       replicated, step_metrics, images_per_sec = trainer.train_epoch(epoch, replicated, order,
                                                                      check)

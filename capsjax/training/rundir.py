@@ -1,4 +1,4 @@
-"""A run's folder: what it is (run.json), what it measured (metrics.jsonl), whether a rerun may resume it.
+"""A run's folder: what it is (run.json), what it measured (metrics.jsonl), whether it resumes.
 
   run.json        the run's settings and the data's identity (`run_identity`);
                   a rerun resumes only if they match (`epochs` may change,

@@ -3,10 +3,10 @@
 from typing import Callable
 
 import flax
+from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import optax
-from flax.training import train_state
 
 from capsjax import models
 from capsjax.training.config import TrainConfig

@@ -1,4 +1,4 @@
-"""The pure steps: `train_step` and `eval_step`, and their `pmap`ped form over a dataset on the devices.
+"""The pure steps, `train_step` and `eval_step`, and their `pmap`ped form over device-resident data.
 
 A batch is {'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B]}; an
 evaluation batch may add 'mask': float32 [B], 0 for padding examples. The steps
@@ -18,8 +18,8 @@ import functools
 
 import flax.jax_utils
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 
 from capsjax.data.augment import random_shifts, shift_images
@@ -118,7 +118,7 @@ def eval_step(state: TrainState, batch: dict, axis_name=None) -> dict:
     number of real examples}, float32 scalars, summed over devices.
   """
   _check_batch_types(batch)
-  mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
+  mask = batch.get('mask', jnp.ones(batch['image'].shape[:1], jnp.float32))
   terms = state.loss_fn(state, evaluation_params(state), batch, False, None)
   sums = {name: jnp.sum(value * mask) for name, value in terms.items()}
   sums['count'] = jnp.sum(mask)

@@ -1,4 +1,4 @@
-"""What a run trains and is evaluated on, apart from its config: the loop's one argument about data."""
+"""What a run trains and is evaluated on, apart from its config: the loop's argument about data."""
 
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Tuple
@@ -23,15 +23,13 @@ class Task:
     make_batch: builds a batch on the device from the dataset's arrays (see
       `capsjax.training.steps.pmap_steps`); its images are what the model sees.
     more_tests: name -> (uint8 images [N, H, W, C] of the model's input shape,
-      int labels [N]): further test sets, evaluated every epoch as they are (no
+      int class indices [N]): further test sets, evaluated every epoch as they are (no
       make_batch) and recorded as '{name}_*' (the affine test digits, say);
       their identity is part of the run's.
     settings: further JSON values that define the run (a generated test set's
       seed, say): recorded in run.json and checked on resume.
     pictures: optional callable(state) drawing the run's pictures, called after
       every epoch (and once by an evaluation).
-    label_shape: the shape of one example's label: () for a class index, (2,)
-      for MultiMNIST's two classes.
   """
   name: str
   dataset: Dataset
@@ -41,4 +39,3 @@ class Task:
       default_factory=dict)
   settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   pictures: Optional[Callable[[TrainState], None]] = None
-  label_shape: Tuple[int, ...] = ()
