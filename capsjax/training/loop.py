@@ -317,18 +317,21 @@ def train_and_evaluate(config: TrainConfig, task: Task, workdir: str, *, eval_on
   writer = jax.process_index() == 0  # every process computes the same; one writes
   if not writer:
     log = lambda line: None  # noqa: E731
+  if not workdir:
+    raise InputError("--workdir is empty; name the run's folder, e.g. --workdir=runs/mnist.")
   splits = Splits(config, task, eval_only)
   checkpoint_dir = os.path.join(workdir, rundir.CHECKPOINT_DIR)
   if eval_only and not os.path.isdir(checkpoint_dir):
     raise InputError(f'--eval_only: no checkpoint in {checkpoint_dir} to evaluate.')
   identity = rundir.run_identity(config, task, splits.counts)
+  # Before anything is written: building the model checks that it fits the images.
+  state = create_train_state(jax.random.PRNGKey(config.seed), config, task.loss_fn,
+                             splits.steps_per_epoch)
   with Checkpointer(checkpoint_dir, create=not eval_only) as checkpointer:
     start_epoch = rundir.open_run(workdir, identity, config.resumable_settings(), checkpointer,
                                   write=writer and not eval_only)
     if eval_only and not start_epoch:
       raise InputError(f'--eval_only: no complete checkpoint in {checkpoint_dir} to evaluate.')
-    state = create_train_state(jax.random.PRNGKey(config.seed), config, task.loss_fn,
-                               splits.steps_per_epoch)
     if start_epoch:
       state = checkpointer.restore(state)
       log(f'Resumed from the checkpoint of epoch {start_epoch} (step {int(state.step)}).')

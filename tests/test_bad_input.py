@@ -1,0 +1,60 @@
+"""Bad input stops a run in one line, before anything is written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, write_dataset
+from tests.test_experiment import SMALL_FLAGS
+
+
+def run_in(tmp_path, *flags):
+  """Run experiments.mnist from an empty folder of its own, tmp_path/cwd."""
+  cwd = tmp_path / 'cwd'
+  cwd.mkdir()
+  env = dict(os.environ, PYTHONPATH=str(REPO), GLIBC_TUNABLES='glibc.malloc.hugetlb=0')
+  return subprocess.run([sys.executable, '-m', 'experiments.mnist', *SMALL_FLAGS, *flags],
+                        cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+
+
+def assert_one_line_error(proc, message):
+  assert proc.returncode == 1, proc.stderr
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, proc.stderr
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--learning_rate=nan', '--learning_rate=nan: give a finite number.'),
+    ('--learning_rate=inf', '--learning_rate=inf: give a finite number.'),
+    ('--ema_decay=1', '--ema_decay=1.0: must be below 1.'),
+])
+def test_settings_out_of_range_stop_before_anything_is_written(tmp_path, tiny_dataset, flag,
+                                                               message):
+  proc = run_in(tmp_path, flag, f'--data_dir={tiny_dataset}', f'--workdir={tmp_path / "run"}')
+  assert_one_line_error(proc, message)
+  assert os.listdir(tmp_path / 'cwd') == [] and not (tmp_path / 'run').exists()
+
+
+def test_a_negative_seed_is_refused_when_the_flags_are_read(tmp_path, tiny_dataset):
+  proc = run_in(tmp_path, '--seed=-1', f'--data_dir={tiny_dataset}',
+                f'--workdir={tmp_path / "run"}')
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+  assert 'flag --seed=-1: -1 is not an integer in the range [0, 4294967295]' in proc.stderr
+  assert os.listdir(tmp_path / 'cwd') == [] and not (tmp_path / 'run').exists()
+
+
+def test_an_empty_workdir_is_refused_not_taken_for_the_current_folder(tmp_path, tiny_dataset):
+  proc = run_in(tmp_path, f'--data_dir={tiny_dataset}', '--workdir=')
+  assert_one_line_error(proc, '--workdir is empty')
+  assert os.listdir(tmp_path / 'cwd') == [] and not (tmp_path / 'run').exists()
+
+
+def test_images_too_small_for_the_model_leave_no_run_behind(tmp_path):
+  data_dir = write_dataset(str(tmp_path / 'data'), size=16)
+  workdir = tmp_path / 'run'
+  proc = run_in(tmp_path, f'--data_dir={data_dir}', f'--workdir={workdir}')
+  assert_one_line_error(proc, 'CapsNet needs images of at least')
+  assert not workdir.exists()
