@@ -163,8 +163,9 @@ RECIPES = {
     # The paper's model and shifts in about 90 minutes of a 2-core CPU's training
     # (docs/results/mnist.md): batches of 64, a higher peak rate warmed up over an epoch
     # and decayed to zero by the last step, and evaluation on a moving average of the
-    # weights. 12 epochs of all 60,000 training images are 11,244 steps, about the 11,167 of the 13-epoch runs
-    # on 55,000 (a 5,000-image validation split held out) that chose its settings.
+    # weights. 12 epochs of all 60,000 training images are 11,244 steps, about the 11,167
+    # of the 13-epoch runs on 55,000 (a 5,000-image validation split held out) that
+    # chose its settings.
     'fast': {'epochs': 12, 'batch_size': 64, 'learning_rate': 2e-3, 'lr_schedule': 'cosine',
              'warmup_epochs': 1.0, 'ema_decay': 0.999},
 }
