@@ -1,11 +1,15 @@
 """Pictures of what the model does: reconstructions, capsule dimensions, routing maps, curves."""
 
 import itertools
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from capsjax.files import atomic_path
+
+if TYPE_CHECKING:  # matplotlib is imported only where a figure is drawn (curves_figure)
+  from matplotlib.figure import Figure
 
 # White pixels between tiles, so neighbouring black digit backgrounds stay apart.
 _GAP = 2
@@ -84,7 +88,9 @@ def _panel_grid(panels, captions, wrong, path, scale, columns):
   _save(canvas, path)
 
 
-def reconstruction_grid(images, reconstructions, labels, predictions, path, scale=3, columns=8):
+def reconstruction_grid(images: np.ndarray, reconstructions: np.ndarray, labels: np.ndarray,
+                        predictions: np.ndarray, path: str, scale: int = 3,
+                        columns: int = 8) -> None:
   """Write a PNG: each cell shows a digit, its reconstruction, and 'label/prediction'.
 
   Wrong predictions are captioned in red. The file is written under a temporary
@@ -102,8 +108,9 @@ def reconstruction_grid(images, reconstructions, labels, predictions, path, scal
               np.asarray(labels) != np.asarray(predictions), path, scale, columns)
 
 
-def pair_sheet(images, true_reconstructions, predicted_reconstructions, labels, predictions,
-               path, scale=3, columns=4):
+def pair_sheet(images: np.ndarray, true_reconstructions: np.ndarray,
+               predicted_reconstructions: np.ndarray, labels: np.ndarray,
+               predictions: np.ndarray, path: str, scale: int = 3, columns: int = 4) -> None:
   """Write a PNG of the paper's Figure 5: a MultiMNIST input beside its two reconstructions.
 
   Each cell: the input; the two digits reconstructed from the true classes'
@@ -126,7 +133,9 @@ def pair_sheet(images, true_reconstructions, predicted_reconstructions, labels, 
               wrong, path, scale, columns)
 
 
-def dimension_sheet(images, path, values, title=None, captions=None, scale=2):
+def dimension_sheet(images: np.ndarray, path: str, values: np.ndarray,
+                    title: Optional[str] = None, captions: Optional[Sequence[str]] = None,
+                    scale: int = 2) -> None:
   """Write a PNG of the paper's Figure 4: one row per capsule dimension, one column per offset.
 
   Rows are labelled 'd0', 'd1', ... at the left and columns with their offsets
@@ -136,7 +145,7 @@ def dimension_sheet(images, path, values, title=None, captions=None, scale=2):
 
   Args:
     images: float [dim, num_values, H, W, 1] in [0, 1] for one example (what
-      `capsjax.interpret.decode_perturbations` returns), or
+      `capsjax.analysis.interpret.decode_perturbations` returns), or
       [N, dim, num_values, H, W, 1] for N examples.
     path: the .png to write.
     title: optional str, a line at the top.
@@ -176,11 +185,13 @@ def dimension_sheet(images, path, values, title=None, captions=None, scale=2):
   _save(canvas, path)
 
 
-def coupling_figure(image, maps, label, prediction, path, title=None, scale=3):
+def coupling_figure(image: np.ndarray, maps: np.ndarray, label: Union[int, np.ndarray],
+                    prediction: Union[int, np.ndarray], path: str,
+                    title: Optional[str] = None, scale: int = 3) -> None:
   """Write a PNG: each input digit, then one heat map of its routing per class.
 
   Each row shows the digit (captioned 'label L pred P', red when wrong), then
-  the class maps from `capsjax.interpret.coupling_maps` magnified to the digit's
+  the class maps from `capsjax.analysis.interpret.coupling_maps` magnified to the digit's
   size, captioned with the class index; the predicted class is framed and
   captioned in blue. Colours run black -> red -> yellow -> white on one scale
   per row, shared by all its classes so they compare, from the row's smallest
@@ -251,7 +262,7 @@ _MORE_COLOURS = ('tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan',
 _SPLIT_NAMES = {'validation_raw': 'validation, trained weights (not their EMA)'}
 
 
-def curve_splits(records):
+def curve_splits(records: Sequence[dict]) -> List[Tuple[str, str, str]]:
   """The splits a run's records measure, in drawing order, with their legend and colour.
 
   A held-out split is one with a '{split}_error' (`capsjax.training.loop`
@@ -270,7 +281,7 @@ def curve_splits(records):
            _SPLIT_COLOURS.get(split) or next(more)) for split in ['train', *held_out]]
 
 
-def curves_figure(records, title=None):
+def curves_figure(records: Sequence[dict], title: Optional[str] = None) -> 'Figure':
   """A run's curves per epoch: loss, error (log scales) and learning rate, as a Figure.
 
   Every split the records measure is drawn (see `curve_splits`), in the same
@@ -325,7 +336,7 @@ def curves_figure(records, title=None):
   return figure
 
 
-def training_curves(records, path, title=None):
+def training_curves(records: Sequence[dict], path: str, title: Optional[str] = None) -> None:
   """Write `curves_figure(records, title)` to the PNG `path`, whole or not at all."""
   figure = curves_figure(records, title)
   figure.canvas.draw()

@@ -27,11 +27,13 @@ beside the paper's figures.
 """
 
 import os
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import flags
+import numpy as np
 
 from capsjax import files, models
-from capsjax.data import affine
+from capsjax.data import Dataset, affine
 from capsjax.errors import InputError
 from capsjax.tasks import classification_losses
 from capsjax.training import Task, train_and_evaluate
@@ -56,7 +58,8 @@ PICTURE_EXAMPLES = 32
 CANVAS_BASELINE = {'baseline_conv3_features': 96, 'baseline_pool': 2}
 
 
-def affine_test_set(dataset):
+def affine_test_set(dataset: Dataset) -> Tuple[str, np.ndarray, np.ndarray,
+                                                Optional[Dict[str, np.ndarray]]]:
   """The affine test digits the flags name: the official set, or one generated.
 
   Args:
@@ -76,7 +79,7 @@ def affine_test_set(dataset):
   return affine.GENERATED_NAME, generated['image'], generated['label'], generated
 
 
-def chosen_epoch(workdir):
+def chosen_epoch(workdir: str) -> dict:
   """The record of a run's epoch of highest validation accuracy (the first, on ties)."""
   records = read_metrics(os.path.join(workdir, METRICS_FILE))
   if not records or 'validation_accuracy' not in records[0] or 'affine_accuracy' not in records[0]:
@@ -85,7 +88,7 @@ def chosen_epoch(workdir):
   return max(records, key=lambda r: (r['validation_accuracy'], -r['epoch']))
 
 
-def compare(workdirs, out_dir):
+def compare(workdirs: Sequence[str], out_dir: str) -> List[dict]:
   """Write comparison.md and comparison.json for the runs in `workdirs`."""
   rows = []
   for workdir in workdirs:
@@ -118,7 +121,7 @@ def compare(workdirs, out_dir):
   return rows
 
 
-def main():
+def main() -> None:
   if FLAGS.compare:
     compare(FLAGS.compare, FLAGS.workdir)
     return

@@ -31,11 +31,13 @@ import re
 import statistics
 import sys
 import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import app, flags, logging
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import numpy as np
 
 from capsjax import files, models
@@ -77,13 +79,14 @@ TARGET_ROW = dict(recipe='paper', image_size=28, mode='train', dtype='float32', 
 CPU_TARGET_FRACTION = 0.45
 
 
-def conv_macs(size, kernel, stride, in_channels, out_channels):
+def conv_macs(size: int, kernel: int, stride: int, in_channels: int,
+              out_channels: int) -> Tuple[int, int]:
   """(multiply-adds, output size) of a square VALID convolution on one image."""
   out = conv.output_size(size, kernel, stride)
   return out * out * kernel * kernel * in_channels * out_channels, out
 
 
-def model_flops(config):
+def model_flops(config: TrainConfig) -> Dict[str, int]:
   """FLOPs per image of `config`'s CapsNet, by layer, counted from the shapes.
 
   A multiply-add counts 2 FLOPs. The training step does the forward pass and
@@ -118,7 +121,7 @@ def model_flops(config):
   return flops
 
 
-def baseline_flops(config):
+def baseline_flops(config: TrainConfig) -> Dict[str, int]:
   """FLOPs per image of the baseline CNN, by layer, counted as `model_flops` counts.
 
   Args:
@@ -152,12 +155,13 @@ def baseline_flops(config):
 FLOPS = {'capsnet': model_flops, 'baseline': baseline_flops}
 
 
-def flops_per_image(config):
+def flops_per_image(config: TrainConfig) -> Dict[str, int]:
   """`model_flops` or `baseline_flops`, as config.model.name says."""
   return FLOPS[config.model.name](config)
 
 
-def interleaved_median_seconds(calls, repeats):
+def interleaved_median_seconds(calls: Sequence[Tuple[Callable[..., Any], Tuple[Any, ...]]],
+                               repeats: int) -> List[float]:
   """Median wall time of each (fn, args) in `calls`, timed in turn so drift hits all alike.
 
   Each call is warmed up first (compilation and first-touch stay outside the
@@ -175,7 +179,7 @@ def interleaved_median_seconds(calls, repeats):
   return [statistics.median(samples) for samples in times]
 
 
-def matmul_call(dtype):
+def matmul_call(dtype: DTypeLike) -> Tuple[Callable[..., jax.Array], Tuple[jax.Array], int]:
   """(fn, args, flops): MATMUL_CHAIN chained MATMUL_SIZE^2 matrix products in dtype, one call.
 
   Chained inside one call so that the rate is the arithmetic's, not that of
@@ -189,7 +193,7 @@ def matmul_call(dtype):
   return chain, (a,), 2 * MATMUL_SIZE ** 3 * MATMUL_CHAIN
 
 
-def peak_megabytes(compiled):
+def peak_megabytes(compiled: jax.stages.Compiled) -> Optional[float]:
   """What XLA reserves for one call: arguments, outputs and temporaries, less donated buffers."""
   memory = compiled.memory_analysis()
   if memory is None:
@@ -203,7 +207,8 @@ HLO_SHAPE = re.compile(r'\b(?:f32|bf16|f16)\[([\d,]*)\]')
 NOT_BUFFERS = ('bitcast(', 'get-tuple-element(', 'parameter(', 'tuple(')
 
 
-def prediction_buffers(compiled, batch_size, config):
+def prediction_buffers(compiled: jax.stages.Compiled, batch_size: int,
+                       config: TrainConfig) -> int:
   """How many buffers of the prediction vectors' size [B, I, J, D] the compiled step writes.
 
   Counted in the optimised HLO's entry computation (what runs; fused
@@ -226,15 +231,15 @@ def prediction_buffers(compiled, batch_size, config):
   return count
 
 
-def random_batch(batch_size, config, seed=0):
+def random_batch(batch_size: int, config: TrainConfig, seed: int = 0) -> Dict[str, jax.Array]:
   rng = np.random.default_rng(seed)
   shape, classes = config.model.image_shape, config.model.num_classes
   return {'image': jnp.asarray(rng.uniform(size=(batch_size, *shape)), jnp.float32),
           'label': jnp.asarray(rng.integers(0, classes, batch_size), jnp.int32)}
 
 
-def time_model(model, mode, dtype, routing_iters, batch_size, repeats, conv_impl='auto',
-               recipe='paper'):
+def time_model(model: str, mode: str, dtype: str, routing_iters: Optional[int], batch_size: int,
+               repeats: int, conv_impl: str = 'auto', recipe: str = 'paper') -> dict:
   """One row of the model table: times, rates and memory of a step."""
   config = TrainConfig.create(**{**RECIPES[recipe], 'model': model,
                                 'routing_iters': routing_iters, 'batch_size': batch_size,
@@ -249,7 +254,7 @@ def time_model(model, mode, dtype, routing_iters, batch_size, repeats, conv_impl
   if mode == 'train':
     compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
 
-    def step(batch):  # the state threads through, as in training
+    def step(batch: Dict[str, jax.Array]) -> dict:  # the state threads through, as in training
       nonlocal state
       state, metrics = compiled(state, batch)
       return metrics
@@ -273,7 +278,7 @@ def time_model(model, mode, dtype, routing_iters, batch_size, repeats, conv_impl
                                   else None))
 
 
-def unrolled_routing(u_hat, num_iters):
+def unrolled_routing(u_hat: jax.Array, num_iters: int) -> jax.Array:
   """Procedure 1 as a plain Python loop over one example's u_hat [I, J, D] (the baseline)."""
   logits = jnp.zeros(u_hat.shape[:2], jnp.float32)
   for iteration in range(num_iters):
@@ -284,7 +289,7 @@ def unrolled_routing(u_hat, num_iters):
   return v
 
 
-def time_routing(num_iters, batch_size, repeats):
+def time_routing(num_iters: int, batch_size: int, repeats: int) -> Dict[str, float]:
   """Routing alone, forward and backward: capsjax's fori_loop against the Python loop."""
   u_hat = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (batch_size, 1152, 10, 16))
   candidates = {
@@ -302,7 +307,7 @@ def time_routing(num_iters, batch_size, repeats):
   return row
 
 
-def print_table(rows, columns):
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, str, str]]) -> None:
   """Rows of dicts as an aligned text table; columns are (key, header, format)."""
   cells = [[header for _, header, _ in columns]]
   cells += [['-' if row[key] is None else fmt.format(row[key]) for key, _, fmt in columns]
@@ -327,7 +332,7 @@ ROUTING_COLUMNS = [
     ('speedup', 'speed-up', '{:.2f}x')]
 
 
-def integers(values, flag):
+def integers(values: Sequence[str], flag: str) -> List[int]:
   try:
     numbers = [int(v) for v in values]
   except ValueError:
@@ -337,7 +342,7 @@ def integers(values, flag):
   return numbers
 
 
-def main(argv):
+def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   batch_sizes = integers(FLAGS.batch_sizes, 'batch_sizes')

@@ -14,6 +14,7 @@ couples to each class. The run's settings and dataset come from its run.json;
 
 import functools
 import os
+from typing import Any, Mapping, Tuple
 
 from absl import flags
 import jax
@@ -23,7 +24,7 @@ import numpy as np
 from capsjax import data, models, tasks, visualize
 from capsjax.analysis import interpret
 from capsjax.errors import InputError
-from capsjax.training import evaluation_params
+from capsjax.training import TrainConfig, evaluation_params
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -31,7 +32,7 @@ flags.DEFINE_integer('digits', 6, 'Test digits to draw, the first N of the test 
                      lower_bound=1)
 
 
-def check_decoder(config, workdir):
+def check_decoder(config: TrainConfig, workdir: str) -> None:
   """Raise an `InputError` unless `config` (of the run in `workdir`) has a decoder to draw with."""
   if not models.has_decoder(config.model):
     raise InputError(f'{workdir} holds a {config.model.name} run without a decoder '
@@ -39,7 +40,8 @@ def check_decoder(config, workdir):
                      f'capsules, so train a CapsNet with --recon_weight > 0.')
 
 
-def draw(config, params, images, labels, workdir, where):
+def draw(config: TrainConfig, params: Mapping[str, Any], images: jax.Array, labels: np.ndarray,
+         workdir: str, where: str) -> Tuple[str, str, np.ndarray]:
   """Draw dimensions.png and couplings.png of a trained CapsNet into `workdir`.
 
   Args:
@@ -71,7 +73,7 @@ def draw(config, params, images, labels, workdir, where):
   return sheet, figure, predictions
 
 
-def main():
+def main() -> None:
   if FLAGS.workdir is None:
     raise InputError('--workdir is required: the folder of a trained CapsNet run (with a decoder).')
   config, state, identity = tasks.load_run(FLAGS.workdir)

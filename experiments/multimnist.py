@@ -19,6 +19,7 @@ test set instead of training.
 """
 
 import os
+from typing import Callable, Dict, Tuple
 
 from absl import flags
 import jax
@@ -30,7 +31,7 @@ from capsjax.data import Dataset, multimnist
 from capsjax.errors import InputError
 from capsjax.tasks import multimnist_losses
 from capsjax.tasks.multimnist import pair_metrics, top2
-from capsjax.training import Task, TrainConfig, evaluation_params, train_and_evaluate
+from capsjax.training import Task, TrainConfig, TrainState, evaluation_params, train_and_evaluate
 from capsjax.visualize import pair_sheet
 from experiments import common
 
@@ -43,7 +44,8 @@ PICTURE_POOL = 256  # test pairs searched for right and wrong examples to draw
 PICTURE_EACH = 8
 
 
-def figure5(dataset: Dataset, make_batch, config: TrainConfig, workdir: str):
+def figure5(dataset: Dataset, make_batch: Callable[..., Dict[str, jax.Array]],
+            config: TrainConfig, workdir: str) -> Callable[[TrainState], None]:
   """A `pictures` callback drawing multimnist.png from the first test pairs, right and wrong.
 
   Args:
@@ -61,7 +63,7 @@ def figure5(dataset: Dataset, make_batch, config: TrainConfig, workdir: str):
   num_classes = config.model.num_classes
 
   @jax.jit
-  def reconstruct(state):
+  def reconstruct(state: TrainState) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     params = evaluation_params(state)
     scores = state.forward(params, batch['image']).scores
     predictions = top2(scores)
@@ -70,7 +72,7 @@ def figure5(dataset: Dataset, make_batch, config: TrainConfig, workdir: str):
     return (decode(batch['label']), decode(predictions), predictions,
             pair_metrics(scores, batch['label'])['accuracy'] > 0)
 
-  def draw(state):
+  def draw(state: TrainState) -> None:
     true, predicted, predictions, right = jax.device_get(reconstruct(state))
     labels = np.asarray(batch['label'])
     chosen = np.concatenate([np.flatnonzero(right)[:PICTURE_EACH],
@@ -91,7 +93,7 @@ def multimnist_task(config: TrainConfig, dataset: Dataset, workdir: str) -> Task
                         if models.has_decoder(config.model) else None))
 
 
-def export(dataset, path):
+def export(dataset: Dataset, path: str) -> None:
   """Write the generated test set to `path` (see --export)."""
   count = FLAGS.test_examples or len(dataset.test_images)
   if count > len(dataset.test_images):
@@ -104,7 +106,7 @@ def export(dataset, path):
   common.say(f'Wrote {count} MultiMNIST test pairs (test seed {FLAGS.test_seed}) to {path}.')
 
 
-def main():
+def main() -> None:
   if FLAGS['shift_pixels'].present:
     raise InputError('--shift_pixels does not apply: MultiMNIST shifts each digit by up to '
                      f'{multimnist.MAX_SHIFT} pixels as it makes the pairs.')

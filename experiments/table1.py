@@ -15,7 +15,7 @@ to every row, and the header says what the rows ran with.
 import dataclasses
 import datetime
 import os
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 from absl import flags
 import jax
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capsjax import files, models
+from capsjax.data import Dataset
 from capsjax.errors import InputError
 from capsjax.training import TrainConfig, train_and_evaluate
 from capsjax.training.rundir import METRICS_FILE, read_metrics
@@ -53,7 +54,7 @@ ROWS = (
 )
 
 
-def describe(row):
+def describe(row: Row) -> Tuple[str, str, str]:
   """(model, routing, reconstruction) as the paper's table names them."""
   if row.settings['model'] == 'baseline':
     return 'baseline CNN', '-', '-'
@@ -69,13 +70,13 @@ def count_parameters(config: TrainConfig) -> int:
   return models.parameter_counts(shapes['params'])['total']
 
 
-def finished_record(workdir, epochs):
+def finished_record(workdir: str, epochs: int) -> Optional[dict]:
   """The last metrics record of a run that has trained all `epochs`, else None."""
   records = read_metrics(os.path.join(workdir, METRICS_FILE), log=common.say)
   return records[-1] if records and records[-1]['epoch'] >= epochs else None
 
 
-def run_row(row, dataset):
+def run_row(row: Row, dataset: Dataset) -> dict:
   """Train (or read back) every seed of a row; returns its summary dict."""
   runs = []
   for seed in range(FLAGS.seeds):
@@ -102,7 +103,7 @@ def run_row(row, dataset):
           'wall_seconds': sum(r['seconds'] for r in runs), 'runs': runs}
 
 
-def markdown(rows, header):
+def markdown(rows: Sequence[dict], header: str) -> str:
   """Table 1 as Markdown: our error beside the paper's, per row."""
   fmt = lambda mean, std: f'{mean:.2f}' + (f' +- {std:.3f}' if std is not None else '')
   lines = [header, '',
@@ -118,7 +119,7 @@ def markdown(rows, header):
   return '\n'.join(lines) + '\n'
 
 
-def table_settings(config: TrainConfig, dataset) -> Tuple[dict, str]:
+def table_settings(config: TrainConfig, dataset: Dataset) -> Tuple[dict, str]:
   """What every row ran with (the flags with --recipe applied), and the table's header line.
 
   Args:
@@ -145,7 +146,7 @@ def table_settings(config: TrainConfig, dataset) -> Tuple[dict, str]:
   return settings, header
 
 
-def main():
+def main() -> None:
   if FLAGS.eval_only:
     raise InputError('--eval_only is not a table1 flag: rerunning the command reads finished '
                      'runs back; evaluate one run with python -m experiments.mnist --eval_only '

@@ -8,6 +8,7 @@ Every experiment takes such a file as --eval_file (see `experiments.common`).
 
 import datetime
 import os
+from typing import Any, Callable, Dict, Sequence
 import zipfile
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 
 from capsjax import data, files, tasks
 from capsjax.errors import InputError
-from capsjax.training import loop, steps
+from capsjax.training import TrainConfig, loop, steps
 
 
 def _with_channels(array, name, path, count, shape):
@@ -28,7 +29,8 @@ def _with_channels(array, name, path, count, shape):
   return array
 
 
-def read_eval_file(path, config, extra_keys=(), label_shape=()):
+def read_eval_file(path: str, config: TrainConfig, extra_keys: Sequence[str] = (),
+                   label_shape: Sequence[int] = ()) -> Dict[str, np.ndarray]:
   """The arrays of an evaluation file, checked against a run's config.
 
   Args:
@@ -87,12 +89,12 @@ def _gather(arrays, labels, indices, key=None):
           'label': labels[indices]}
 
 
-def result_path(workdir, path):
+def result_path(workdir: str, path: str) -> str:
   """Where `evaluate_file` writes its JSON: WORKDIR/eval_<file name without .npz>.json."""
   return os.path.join(workdir, f'eval_{os.path.splitext(os.path.basename(path))[0]}.json')
 
 
-def evaluate_file(workdir, path, log=print):
+def evaluate_file(workdir: str, path: str, log: Callable[[str], None] = print) -> Dict[str, Any]:
   """Evaluate the latest checkpoint of the run in `workdir` on the examples in `path`.
 
   The run's own loss function scores them, at `evaluation_params` (the

@@ -1,11 +1,14 @@
 """What capsules encode: perturbed class capsules (the paper's Figure 4) and routing maps."""
 
 import functools
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
+from capsjax.models.capsnet import CapsNet
 from capsjax.nn.layers import Decoder, PrimaryCapsules
 from capsjax.nn.ops import safe_norm
 
@@ -14,7 +17,8 @@ from capsjax.nn.ops import safe_norm
 PERTURBATIONS = (np.arange(-5, 6) / 20).astype(np.float32)
 
 
-def perturbed_capsules(capsules, class_index, values=PERTURBATIONS):
+def perturbed_capsules(capsules: jax.Array, class_index: ArrayLike,
+                       values: ArrayLike = PERTURBATIONS) -> jax.Array:
   """The decoder's input when one dimension of one class capsule is tweaked.
 
   The result already carries the decoder's masking: every class capsule other than
@@ -44,7 +48,9 @@ def perturbed_capsules(capsules, class_index, values=PERTURBATIONS):
   return masked[None, None] + offsets
 
 
-def decode_perturbations(decoder_apply, capsules, class_index, values=PERTURBATIONS):
+def decode_perturbations(decoder_apply: Callable[[jax.Array, jax.Array], jax.Array],
+                         capsules: jax.Array, class_index: ArrayLike,
+                         values: ArrayLike = PERTURBATIONS) -> jax.Array:
   """Decode every single-dimension perturbation of one class capsule (Figure 4).
 
   Jit- and vmap-compatible when `decoder_apply` is, e.g. over a batch of
@@ -68,7 +74,8 @@ def decode_perturbations(decoder_apply, capsules, class_index, values=PERTURBATI
   return images.reshape(dim, num_values, *images.shape[1:])
 
 
-def coupling_maps(couplings, primary_lengths, grid_shape):
+def coupling_maps(couplings: jax.Array, primary_lengths: jax.Array,
+                  grid_shape: Tuple[int, int, int]) -> jax.Array:
   """Where each class draws its evidence from: routed primary-capsule length per position.
 
   At each position of the PrimaryCaps grid, sums c_ij * |u_i| over the capsule
@@ -102,7 +109,7 @@ def coupling_maps(couplings, primary_lengths, grid_shape):
   return routed.reshape(height, width, types, -1).sum(axis=2).transpose(2, 0, 1)
 
 
-def analyse(model, params, images):
+def analyse(model: CapsNet, params: Mapping[str, Any], images: jax.Array) -> Dict[str, jax.Array]:
   """Figure 4 and the coupling maps for a batch: what a trained CapsNet's capsules encode.
 
   Args:

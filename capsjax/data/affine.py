@@ -16,6 +16,7 @@ keeps it whole on the canvas, with bilinear resampling.
 import glob
 import os
 import re
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 from jax import lax
@@ -36,7 +37,7 @@ GENERATED_NAME = 'affine-transformed MNIST, generated'
 AFFNIST_NAME = 'affNIST test set'
 
 
-def place(images, offsets, canvas=CANVAS):
+def place(images: jax.Array, offsets: jax.Array, canvas: int = CANVAS) -> jax.Array:
   """Paste each image onto a black canvas with its top-left corner at an offset.
 
   Args:
@@ -53,7 +54,8 @@ def place(images, offsets, canvas=CANVAS):
       blank, image, (offset[0], offset[1], 0)))(images, offsets)
 
 
-def random_offsets(key, indices, digit_shape, canvas=CANVAS):
+def random_offsets(key: jax.Array, indices: jax.Array, digit_shape: Sequence[int],
+                   canvas: int = CANVAS) -> jax.Array:
   """Uniform top-left positions that keep a digit whole, one per example.
 
   Args:
@@ -70,8 +72,8 @@ def random_offsets(key, indices, digit_shape, canvas=CANVAS):
       indices).astype(jnp.int32)
 
 
-def batch_maker(test_seed, canvas=CANVAS):
-  """The loop's batch maker for expanded MNIST (see `capsjax.train.pmap_steps`).
+def batch_maker(test_seed: int, canvas: int = CANVAS) -> Callable[..., Dict[str, jax.Array]]:
+  """The loop's batch maker for expanded MNIST (see `capsjax.training.steps.pmap_steps`).
 
   Args:
     test_seed: int; evaluation batches (key None) place example i by
@@ -84,7 +86,8 @@ def batch_maker(test_seed, canvas=CANVAS):
   """
   test_key = jax.random.PRNGKey(test_seed)
 
-  def make_batch(images, labels, indices, key=None):
+  def make_batch(images: jax.Array, labels: jax.Array, indices: jax.Array,
+                 key: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
     offsets = random_offsets(test_key if key is None else key, indices, images.shape[1:3],
                              canvas)
     placed = place(images[indices], offsets, canvas)
@@ -93,7 +96,8 @@ def batch_maker(test_seed, canvas=CANVAS):
   return make_batch
 
 
-def expanded_test_set(images, labels, test_seed, canvas=CANVAS):
+def expanded_test_set(images: np.ndarray, labels: np.ndarray, test_seed: int,
+                      canvas: int = CANVAS) -> Dict[str, np.ndarray]:
   """The expanded MNIST test set as uint8, exactly what evaluation batches hold.
 
   Args:
@@ -111,7 +115,8 @@ def expanded_test_set(images, labels, test_seed, canvas=CANVAS):
           'offset': np.asarray(offsets)}
 
 
-def transform_matrix(rotation_degrees, shear, scale):
+def transform_matrix(rotation_degrees: np.ndarray, shear: np.ndarray,
+                     scale: np.ndarray) -> np.ndarray:
   """The 2x2 linear maps of the generated set, acting on (x, y) = (column, row).
 
   A = R(rotation) @ [[1, shear], [0, 1]] @ diag(scale_x, scale_y): scale each
@@ -146,7 +151,8 @@ def _warp(image, matrix, translation, canvas):
   return values.reshape(canvas, canvas)
 
 
-def generate(images, labels, copies, seed, canvas=CANVAS):
+def generate(images: np.ndarray, labels: np.ndarray, copies: int, seed: int,
+             canvas: int = CANVAS) -> Dict[str, np.ndarray]:
   """The generated affine test set: `copies` random affine versions of every digit.
 
   Rotation uniform in +-20 degrees, shear in +-0.2, scale in [0.8, 1.2] on each
@@ -202,7 +208,7 @@ def _batch_number(path):
   return int(found.group(1)) if found else -1
 
 
-def read_affnist(directory):
+def read_affnist(directory: str) -> Tuple[np.ndarray, np.ndarray]:
   """The official affNIST test set from its MATLAB files.
 
   The authors publish it as test.mat (all 320,000 digits) and as test_batches/

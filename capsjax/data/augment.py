@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 
-def shift_images(images, shifts, max_shift):
+def shift_images(images: jax.Array, shifts: jax.Array, max_shift: int) -> jax.Array:
   """Translate each image by whole pixels, filling with zeros.
 
   Args:
@@ -24,7 +24,7 @@ def shift_images(images, shifts, max_shift):
   return jax.vmap(crop)(padded, max_shift - shifts)
 
 
-def random_shifts(key, example_ids, max_shift):
+def random_shifts(key: jax.Array, example_ids: jax.Array, max_shift: int) -> jax.Array:
   """Per-example random (dy, dx) in [-max_shift, max_shift], one key per example id.
 
   Keying on the example's position in the global batch makes the shifts the

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import struct
+from typing import Callable, Optional, Sequence
 import urllib.request
 import zlib
 
@@ -106,7 +107,7 @@ def _read_bytes(path):
                     f'replace it with a fresh copy.') from None
 
 
-def parse_idx(data, path, expected_magic):
+def parse_idx(data: bytes, path: str, expected_magic: int) -> np.ndarray:
   """Parse the bytes of an IDX file (big-endian uint8 data), checking header and size.
 
   Args:
@@ -136,7 +137,7 @@ def parse_idx(data, path, expected_magic):
   return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
-def read_idx(path, expected_magic):
+def read_idx(path: str, expected_magic: int) -> np.ndarray:
   """Read one IDX file (raw or .gz); see `parse_idx`."""
   return parse_idx(_read_bytes(path), path, expected_magic)
 
@@ -154,7 +155,8 @@ def _split(directory, split, num_classes):
   return images[..., None], labels.astype(np.int32)
 
 
-def check_labels(labels, num_classes, where, label_shape=()):
+def check_labels(labels: np.ndarray, num_classes: int, where: str,
+                 label_shape: Sequence[int] = ()) -> None:
   """Raise DataError unless `labels` are integer class indices of one shape, each in range.
 
   Args:
@@ -175,7 +177,7 @@ def check_labels(labels, num_classes, where, label_shape=()):
                     f'0..{num_classes - 1}; give class indices of the {num_classes} classes.')
 
 
-def load_idx_dir(directory, num_classes=10, source=None):
+def load_idx_dir(directory: str, num_classes: int = 10, source: Optional[str] = None) -> Dataset:
   """Load the four IDX files of an MNIST-format dataset from a folder.
 
   Args:
@@ -196,7 +198,7 @@ def load_idx_dir(directory, num_classes=10, source=None):
   return Dataset(*train, *test, num_classes=num_classes, source=source or directory)
 
 
-def known_dataset(directory):
+def known_dataset(directory: str) -> Optional[str]:
   """Which of DATASETS a folder holds, told by its training labels file (a few KB), or None.
 
   Their file names are the same, so a folder of MNIST must not pass for
@@ -217,7 +219,7 @@ def known_dataset(directory):
               None)
 
 
-def content_sha256(path):
+def content_sha256(path: str) -> str:
   """sha256 of an IDX file's uncompressed content (what DATASETS' digests are of).
 
   Raises:
@@ -234,7 +236,7 @@ def _holds(path, digest):
     return False
 
 
-def download(name, cache_dir=DEFAULT_CACHE_DIR, base_url=None):
+def download(name: str, cache_dir: str = DEFAULT_CACHE_DIR, base_url: Optional[str] = None) -> str:
   """Download a dataset's four .gz files into cache_dir/name, verifying each.
 
   A file already there with the right digest is not fetched again; one that is
@@ -278,7 +280,7 @@ def _load_tfds(name, num_classes):
                  num_classes, source='tfds')
 
 
-def how_to_provide(name):
+def how_to_provide(name: str) -> str:
   """One paragraph telling a user how to make a dataset available offline."""
   source = DATASETS[name]
   files = ', '.join(f + '.gz' for f in source.sha256)
@@ -292,7 +294,9 @@ def how_to_provide(name):
           f'downloads them into {DEFAULT_CACHE_DIR}.')
 
 
-def load_dataset(name='mnist', data_dir=None, cache_dir=DEFAULT_CACHE_DIR, log=print):
+def load_dataset(name: str = 'mnist', data_dir: Optional[str] = None,
+                 cache_dir: str = DEFAULT_CACHE_DIR,
+                 log: Callable[[str], None] = print) -> Dataset:
   """Load a dataset from the first source that works (see the module docstring).
 
   Args:

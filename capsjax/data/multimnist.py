@@ -14,6 +14,8 @@ so it is the same for a seed whatever the batch or device count.
 The loss and the paper's metric are in `capsjax.tasks.multimnist`.
 """
 
+from typing import Any, Callable, Dict, Mapping, Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -25,7 +27,8 @@ MAX_SHIFT = 4
 DIGITS = 2
 
 
-def partner_indices(keys, labels, base_labels, num_classes):
+def partner_indices(keys: jax.Array, labels: jax.Array, base_labels: jax.Array,
+                    num_classes: int) -> jax.Array:
   """For each base digit, an example of another class, uniform over all of them.
 
   Args:
@@ -47,7 +50,8 @@ def partner_indices(keys, labels, base_labels, num_classes):
   return by_class[draws].astype(jnp.int32)
 
 
-def make_pairs(key, images, labels, base_indices, num_classes=10):
+def make_pairs(key: jax.Array, images: jax.Array, labels: jax.Array, base_indices: jax.Array,
+               num_classes: int = 10) -> Dict[str, jax.Array]:
   """MultiMNIST pairs from a split of single digits, as uint8.
 
   Args:
@@ -77,7 +81,7 @@ def make_pairs(key, images, labels, base_indices, num_classes=10):
           'shifts': shifts, 'indices': indices}
 
 
-def batch_maker(test_seed, num_classes=10):
+def batch_maker(test_seed: int, num_classes: int = 10) -> Callable[..., Dict[str, jax.Array]]:
   """The loop's batch maker for MultiMNIST (see `capsjax.training.steps.pmap_steps`).
 
   Args:
@@ -91,7 +95,8 @@ def batch_maker(test_seed, num_classes=10):
   """
   test_key = jax.random.PRNGKey(test_seed)
 
-  def make_batch(images, labels, indices, key=None):
+  def make_batch(images: jax.Array, labels: jax.Array, indices: jax.Array,
+                 key: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
     pairs = make_pairs(test_key if key is None else key, images, labels, indices, num_classes)
     return {'image': pairs['image'].astype(jnp.float32) / 255.0, 'label': pairs['label'],
             'digits': pairs['digits'].astype(jnp.float32) / 255.0}
@@ -99,7 +104,7 @@ def batch_maker(test_seed, num_classes=10):
   return make_batch
 
 
-def export(path, pairs):
+def export(path: str, pairs: Mapping[str, Any]) -> None:
   """Write generated pairs to an .npz others can read with NumPy alone.
 
   Args:

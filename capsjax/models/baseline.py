@@ -3,6 +3,7 @@
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from capsjax.nn.layers import Conv2D, check_images
@@ -30,7 +31,7 @@ class BaselineCNN(nn.Module):
     pool: window and stride of a max pooling after the first convolution (1: none,
       the paper's).
     conv_impl: 'auto' (by platform), 'matmul' (fast on CPU) or 'xla', see
-      `capsjax.conv.conv2d`.
+      `capsjax.nn.conv.conv2d`.
     dtype: compute dtype; parameters stay float32 and logits are returned in
       float32.
   """
@@ -44,7 +45,7 @@ class BaselineCNN(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, train=False):
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     """Classify a batch.
 
     Args:

@@ -1,6 +1,6 @@
 """The paper's CapsNet: Conv1 -> PrimaryCaps -> DigitCaps (routing) -> decoder."""
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -49,7 +49,7 @@ class CapsNet(nn.Module):
     use_decoder: build the reconstruction decoder.
     decoder_hidden: its hidden layer widths (512, 1024).
     conv_impl: 'auto' (by platform), 'matmul' (fast on CPU) or 'xla', see
-      `capsjax.conv.conv2d`.
+      `capsjax.nn.conv.conv2d`.
     dtype: compute dtype (float32, or bfloat16 for mixed precision); parameters
       stay float32 and lengths and reconstructions are returned in float32.
   """
@@ -69,7 +69,7 @@ class CapsNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, labels=None):
+  def __call__(self, images: jax.Array, labels: Optional[jax.Array] = None) -> CapsNetOutput:
     """Classify (and reconstruct) a batch.
 
     Args:
@@ -109,7 +109,7 @@ class CapsNet(nn.Module):
       reconstructions = decoder(v, decoder_mask(lengths, labels)).astype(jnp.float32)
     return CapsNetOutput(v, lengths, reconstructions)
 
-  def primary_grid(self, image_shape):
+  def primary_grid(self, image_shape: Sequence[int]) -> Tuple[int, int, int]:
     """(height, width, types) of the PrimaryCaps map for images of `image_shape`.
 
     PrimaryCapsules flattens this map position by position, so primary capsule
@@ -120,7 +120,7 @@ class CapsNet(nn.Module):
     return height, width, self.primary_types
 
 
-def parameter_counts(params):
+def parameter_counts(params: Mapping[str, Any]) -> Dict[str, int]:
   """Number of parameters under each top-level module of a params tree, and 'total'.
 
   Args:
@@ -135,7 +135,7 @@ def parameter_counts(params):
   return counts
 
 
-def init_params(model, rng, image_shape):
+def init_params(model: nn.Module, rng: jax.Array, image_shape: Sequence[int]) -> Dict[str, Any]:
   """Initialise a CapsNet's parameters without running its computation.
 
   Args:

@@ -1,13 +1,13 @@
 """VALID 2-D convolution as matrix products of healthy shape.
 
 XLA's CPU convolution is slow for CapsNet's layers: forward and backward of the
-9x9 stride-2 PrimaryCaps convolution through `lax.conv_general_dilated` ran at
-1.7% of the machine's matmul rate (batch 64, 2-core EPYC, 2026-11-23). Written as
-patch extraction (strided slices) and one matrix product per kernel row, with a
-col2im for the input gradient, the same layer ran its backward pass at about 60%
-of that rate. Both forms compute the same function, in every mode of autodiff
-(jvp, jacfwd and Hessian-vector products too); `BENCHMARKS.md` has the whole
-training step.
+9x9 stride-2 PrimaryCaps convolution through `lax.conv_general_dilated` run at a
+few percent of the CPU's matmul rate. Written as patch extraction (strided
+slices) and one matrix product per kernel row, with a col2im for the input
+gradient, the same layer runs its backward pass at a large fraction of that
+rate; `BENCHMARKS.md` has the measurements and the whole training step. Both
+forms compute the same function, in every mode of autodiff (jvp, jacfwd and
+Hessian-vector products too).
 """
 
 import math
@@ -27,7 +27,7 @@ MIN_CONTRACTION = 512
 CONV_IMPLS = ('auto', 'matmul', 'xla')
 
 
-def resolve_impl(impl):
+def resolve_impl(impl: str) -> str:
   """The convolution implementation `impl` stands for on JAX's default platform.
 
   'auto' is the im2col form on the CPU, where it measured faster than XLA's
@@ -47,7 +47,7 @@ def resolve_impl(impl):
   return impl
 
 
-def output_size(size, kernel, stride):
+def output_size(size: int, kernel: int, stride: int) -> int:
   """Output length of a VALID convolution along one axis."""
   return (size - kernel) // stride + 1
 
@@ -64,7 +64,7 @@ def _extract_columns(x, *, kernel_h, kernel_w, stride):
   out_h = output_size(height, kernel_h, stride)
   out_w = output_size(width, kernel_w, stride)
 
-  def patches(ky, kx):
+  def patches(ky: int, kx: int) -> jax.Array:
     return x[:, ky:ky + stride * (out_h - 1) + 1:stride,
              kx:kx + stride * (out_w - 1) + 1:stride, :]
 
@@ -151,7 +151,7 @@ def _columns(x, kernel_h, kernel_w, stride):
   return _columns_p.bind(x, kernel_h=kernel_h, kernel_w=kernel_w, stride=stride)
 
 
-def conv2d_matmul(x, kernel, stride):
+def conv2d_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """VALID convolution as grouped im2col matrix products (col2im in the backward pass).
 
   Args:
@@ -172,14 +172,14 @@ def conv2d_matmul(x, kernel, stride):
   return out.reshape(*columns.shape[:3], features)
 
 
-def conv2d_xla(x, kernel, stride):
+def conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """The same VALID convolution through `lax.conv_general_dilated` (the reference)."""
   return lax.conv_general_dilated(
       x, kernel, (stride, stride), 'VALID',
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def conv2d(x, kernel, stride, impl='auto'):
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = 'auto') -> jax.Array:
   """VALID 2-D convolution, NHWC input and HWIO kernel.
 
   Args:

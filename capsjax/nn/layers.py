@@ -1,7 +1,7 @@
 """Flax linen capsule layers: convolution, primary capsules, routed capsules, decoder."""
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,7 +33,7 @@ def _same_padding(size, kernel, stride):
   return total // 2, total - total // 2
 
 
-def check_images(images):
+def check_images(images: jax.Array) -> None:
   """Raise InputError unless `images` is a 4-D [batch, height, width, channels] array."""
   if images.ndim != 4:
     raise InputError(
@@ -48,7 +48,7 @@ class Conv2D(nn.Module):
     features: output channels.
     kernel_size: square kernel side.
     strides: stride in both directions.
-    impl: 'auto', 'matmul' or 'xla', see `capsjax.conv.conv2d`.
+    impl: 'auto', 'matmul' or 'xla', see `capsjax.nn.conv.conv2d`.
     dtype: compute dtype; parameters are kept in param_dtype.
     padding: 'VALID' (no padding) or 'SAME' (TensorFlow's and `nn.Conv`'s: out
       = ceil(in / strides), the low side gets the smaller half of the padding).
@@ -62,7 +62,7 @@ class Conv2D(nn.Module):
   padding: str = 'VALID'
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     """x: [batch, height, width, channels] -> [batch, out_h, out_w, features]."""
     if self.padding not in PADDINGS:
       raise ValueError(f'padding must be one of {PADDINGS}, got {self.padding!r}.')
@@ -96,7 +96,7 @@ class PrimaryCapsules(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     """x: [batch, height, width, channels] -> [batch, out_h * out_w * num_types, capsule_dim]."""
     y = Conv2D(self.num_types * self.capsule_dim, self.kernel_size, self.strides,
                self.conv_impl, self.dtype, name='conv')(x)
@@ -125,7 +125,7 @@ class RoutedCapsules(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, u):
+  def __call__(self, u: jax.Array) -> jax.Array:
     """u: [batch, num_in, dim_in] -> v [batch, num_capsules, capsule_dim]."""
     num_in, dim_in = u.shape[-2:]
     weights = self.param(
@@ -138,7 +138,7 @@ class RoutedCapsules(nn.Module):
     return v
 
 
-def decoder_mask(lengths, labels=None):
+def decoder_mask(lengths: jax.Array, labels: Optional[jax.Array] = None) -> jax.Array:
   """Which capsules the decoder sees: the labelled ones, else the longest.
 
   Args:
@@ -169,7 +169,7 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, capsules, mask):
+  def __call__(self, capsules: jax.Array, mask: jax.Array) -> jax.Array:
     """Reconstruct from the capsules the mask keeps, once per mask.
 
     Args:

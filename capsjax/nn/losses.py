@@ -1,12 +1,15 @@
 """Losses: CapsNet's margin and reconstruction losses and their total; the baseline's."""
 
+from typing import Dict, Optional
+
 import jax
 import jax.numpy as jnp
 
 RECONSTRUCTION_WEIGHT = 0.0005
 
 
-def margin_loss(lengths, targets, m_plus=0.9, m_minus=0.1, lam=0.5):
+def margin_loss(lengths: jax.Array, targets: jax.Array, m_plus: float = 0.9,
+                m_minus: float = 0.1, lam: float = 0.5) -> jax.Array:
   """Margin loss summed over classes: T max(0, m+ - |v|)^2 + lam (1 - T) max(0, |v| - m-)^2.
 
   Args:
@@ -24,7 +27,7 @@ def margin_loss(lengths, targets, m_plus=0.9, m_minus=0.1, lam=0.5):
   return jnp.sum(present + absent, axis=-1)
 
 
-def reconstruction_loss(reconstructions, images):
+def reconstruction_loss(reconstructions: jax.Array, images: jax.Array) -> jax.Array:
   """Sum of squared pixel differences per example.
 
   Args:
@@ -38,8 +41,10 @@ def reconstruction_loss(reconstructions, images):
   return jnp.sum(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
 
 
-def capsnet_loss_terms(lengths, targets, reconstructions=None, images=None,
-                       recon_weight=RECONSTRUCTION_WEIGHT):
+def capsnet_loss_terms(lengths: jax.Array, targets: jax.Array,
+                       reconstructions: Optional[jax.Array] = None,
+                       images: Optional[jax.Array] = None,
+                       recon_weight: float = RECONSTRUCTION_WEIGHT) -> Dict[str, jax.Array]:
   """The paper's total loss and its two terms, per example.
 
   Args:
@@ -60,8 +65,9 @@ def capsnet_loss_terms(lengths, targets, reconstructions=None, images=None,
           'reconstruction_loss': recon}
 
 
-def capsnet_loss(lengths, targets, reconstructions=None, images=None,
-                 recon_weight=RECONSTRUCTION_WEIGHT):
+def capsnet_loss(lengths: jax.Array, targets: jax.Array,
+                 reconstructions: Optional[jax.Array] = None, images: Optional[jax.Array] = None,
+                 recon_weight: float = RECONSTRUCTION_WEIGHT) -> jax.Array:
   """The paper's total loss: margin loss + recon_weight * reconstruction loss.
 
   Args: as `capsnet_loss_terms`.
@@ -72,7 +78,7 @@ def capsnet_loss(lengths, targets, reconstructions=None, images=None,
   return capsnet_loss_terms(lengths, targets, reconstructions, images, recon_weight)['loss']
 
 
-def cross_entropy_loss(logits, labels):
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Softmax cross-entropy, the baseline CNN's loss.
 
   Args:

@@ -1,5 +1,6 @@
 """Elementwise capsule operations: safe vector norms and the squash non-linearity."""
 
+import jax
 import jax.numpy as jnp
 
 # Inside the square root, so that |s| and its gradient stay finite at s = 0.
@@ -11,7 +12,8 @@ def _accumulation_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def safe_norm(x, axis=-1, keepdims=False, epsilon=NORM_EPSILON):
+def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False,
+              epsilon: float = NORM_EPSILON) -> jax.Array:
   """Euclidean norm sqrt(sum(x**2) + epsilon), finite with a finite gradient at x = 0.
 
   Args:
@@ -28,7 +30,7 @@ def safe_norm(x, axis=-1, keepdims=False, epsilon=NORM_EPSILON):
   return jnp.sqrt(squared + epsilon).astype(x.dtype)
 
 
-def squash(s, axis=-1):
+def squash(s: jax.Array, axis: int = -1) -> jax.Array:
   """The paper's squash: (|s|^2 / (1 + |s|^2)) * s / |s|, along `axis`.
 
   Short vectors shrink towards length 0 and long ones to just below 1; the

@@ -6,6 +6,7 @@ a batch, so the routing can be dropped into any JAX model.
 
 import functools
 import operator
+from typing import Tuple
 
 import jax
 from jax import lax
@@ -38,7 +39,8 @@ def _parent_outputs(u_parent, couplings):
   return squash(jnp.einsum('ij,jid->jd', couplings, u_parent))
 
 
-def dynamic_routing(u_hat, num_iters=3, *, stop_inner_gradient=False):
+def dynamic_routing(u_hat: jax.Array, num_iters: int = 3, *,
+                    stop_inner_gradient: bool = False) -> Tuple[jax.Array, jax.Array]:
   """Routing by agreement for ONE example.
 
   The logits b_ij start at 0 (so every coupling is 1/num_out at first) and are
@@ -77,13 +79,13 @@ def dynamic_routing(u_hat, num_iters=3, *, stop_inner_gradient=False):
   u_parent = jnp.swapaxes(u_hat, 0, 1)
   u_routing = lax.stop_gradient(u_parent) if stop_inner_gradient else u_parent
 
-  def agreement(v):
+  def agreement(v: jax.Array) -> jax.Array:
     return jnp.einsum('jid,jd->ij', u_routing, v, preferred_element_type=jnp.float32)
 
-  def update_logits(_, logits):
+  def update_logits(_: jax.Array, logits: jax.Array) -> jax.Array:
     return logits + agreement(_parent_outputs(u_routing, _couplings(logits, u_hat.dtype)))
 
-  def uniform_parent_outputs(u):
+  def uniform_parent_outputs(u: jax.Array) -> jax.Array:
     # b = 0 makes the first iteration's couplings all 1 / num_out: s_j is a plain
     # sum, about 2x faster than the weighted one, and XLA has no softmax of a
     # constant to fold (which took seconds at compile time).
@@ -101,7 +103,8 @@ def dynamic_routing(u_hat, num_iters=3, *, stop_inner_gradient=False):
   return _parent_outputs(u_parent, couplings), couplings
 
 
-def batched_dynamic_routing(u_hat, num_iters=3, *, stop_inner_gradient=False):
+def batched_dynamic_routing(u_hat: jax.Array, num_iters: int = 3, *,
+                            stop_inner_gradient: bool = False) -> Tuple[jax.Array, jax.Array]:
   """`dynamic_routing` vmapped over a leading batch axis.
 
   Args:

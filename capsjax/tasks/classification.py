@@ -1,13 +1,18 @@
 """Classification of single digits (MNIST, Fashion-MNIST, expanded MNIST): the loss and accuracy."""
 
+from typing import Any, Dict, Mapping, Optional
+
 import jax
 import jax.numpy as jnp
 
 from capsjax import models
 from capsjax.nn.losses import capsnet_loss_terms, cross_entropy_loss
+from capsjax.training.state import TrainState
 
 
-def classification_losses(state, params, batch, train, rng):
+def classification_losses(state: TrainState, params: Mapping[str, Any],
+                          batch: Dict[str, jax.Array], train: bool,
+                          rng: Optional[jax.Array]) -> Dict[str, jax.Array]:
   """Per-example terms of a classifier: its loss, and 'accuracy' (1 if right, else 0).
 
   CapsNet: the paper's margin + reconstruction loss. Its decoder reconstructs

@@ -5,15 +5,18 @@ Predictions are the two highest scores (ties go to the lower class, as
 classes. The pairs themselves are made by `capsjax.data.multimnist`.
 """
 
+from typing import Any, Dict, Mapping, Optional
+
 import jax
 import jax.numpy as jnp
 
 from capsjax import models
 from capsjax.data.multimnist import DIGITS
 from capsjax.nn.losses import margin_loss, reconstruction_loss
+from capsjax.training.state import TrainState
 
 
-def top2(scores):
+def top2(scores: jax.Array) -> jax.Array:
   """The two highest-scoring classes, the higher first; ties go to the lower class.
 
   Args:
@@ -25,7 +28,7 @@ def top2(scores):
   return jax.lax.top_k(scores, DIGITS)[1].astype(jnp.int32)
 
 
-def pair_metrics(scores, labels):
+def pair_metrics(scores: jax.Array, labels: jax.Array) -> Dict[str, jax.Array]:
   """The paper's metric and per-digit accuracy of two-class predictions.
 
   Args:
@@ -42,12 +45,14 @@ def pair_metrics(scores, labels):
           'digit_accuracy': jnp.mean(found.astype(jnp.float32), axis=1)}
 
 
-def multi_hot(labels, num_classes):
+def multi_hot(labels: jax.Array, num_classes: int) -> jax.Array:
   """int [B, M] class lists -> float32 [B, K] with 1 at each listed class."""
   return jnp.max(jax.nn.one_hot(labels, num_classes), axis=1)
 
 
-def multimnist_losses(state, params, batch, train, rng):
+def multimnist_losses(state: TrainState, params: Mapping[str, Any],
+                      batch: Dict[str, jax.Array], train: bool,
+                      rng: Optional[jax.Array]) -> Dict[str, jax.Array]:
   """Per-example terms of MultiMNIST, a loss_fn for `capsjax.training.create_train_state`.
 
   CapsNet: margin loss with both classes as targets, plus recon_weight times

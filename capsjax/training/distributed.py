@@ -3,7 +3,7 @@
 A run over several processes is the same program started once per process.
 Each joins the others through `jax.distributed.initialize`; from then on
 `jax.devices()` lists every process's devices, a `pmap` spans all of them and
-each process feeds its own (`jax.local_devices()`); see `capsjax.loop`.
+each process feeds its own (`jax.local_devices()`); see `capsjax.training.loop`.
 
 Where the processes come from:
   * named: coordinator_address ('host:port' of process 0), num_processes and
