@@ -13,6 +13,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from capsjax.errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = '') -> Iterator[str]:
@@ -26,7 +28,13 @@ def atomic_path(path: str, suffix: str = '') -> Iterator[str]:
   Yields:
     The temporary path, in the destination's folder (so the rename is atomic).
     If the block raises, the temporary file is removed and `path` is untouched.
+
+  Raises:
+    InputError: the destination's folder does not exist.
   """
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise InputError(f'{path}: the folder {folder} does not exist; create it or write elsewhere.')
   partial = f'{path}.partial{suffix}'
   try:
     yield partial

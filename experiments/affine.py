@@ -131,6 +131,11 @@ def main() -> None:
   if FLAGS.export and FLAGS.affnist_dir:
     raise InputError('--export writes the generated test set; drop --affnist_dir.')
   dataset = common.load_data()
+  height, width = dataset.train_images.shape[1:3]
+  if height > affine.CANVAS or width > affine.CANVAS:
+    raise InputError(f'{dataset.source}: the digits are {height}x{width}, larger than the '
+                     f'{affine.CANVAS}x{affine.CANVAS} canvas expanded MNIST places them on; '
+                     f'give digits of at most that size (MNIST\'s are 28x28).')
   name, images, labels, generated = affine_test_set(dataset)
   if FLAGS.export:
     files.save_npz(FLAGS.export, generated)

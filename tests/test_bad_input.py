@@ -58,3 +58,15 @@ def test_images_too_small_for_the_model_leave_no_run_behind(tmp_path):
   proc = run_in(tmp_path, f'--data_dir={data_dir}', f'--workdir={workdir}')
   assert_one_line_error(proc, 'CapsNet needs images of at least')
   assert not workdir.exists()
+
+
+def test_affine_digits_larger_than_the_canvas_are_one_line(tmp_path):
+  data_dir = write_dataset(str(tmp_path / 'data'), size=48)
+  cwd = tmp_path / 'cwd'
+  cwd.mkdir()
+  env = dict(os.environ, PYTHONPATH=str(REPO), GLIBC_TUNABLES='glibc.malloc.hugetlb=0')
+  proc = subprocess.run([sys.executable, '-m', 'experiments.affine', *SMALL_FLAGS,
+                         f'--data_dir={data_dir}', f'--workdir={tmp_path / "run"}'],
+                        cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+  assert_one_line_error(proc, 'the digits are 48x48, larger than the 40x40 canvas')
+  assert not (tmp_path / 'run').exists()

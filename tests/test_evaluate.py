@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capsjax import data, tasks
+from capsjax import data, files, tasks
 from capsjax.analysis import evaluate
 from capsjax.errors import InputError
 from capsjax.training import evaluation_params, loop
@@ -112,3 +112,49 @@ def test_files_that_are_no_npz_and_runs_that_are_none_are_named(trained, tmp_pat
     evaluate.evaluate_file(workdir, str(tmp_path / 'missing.npz'))
   with pytest.raises(InputError, match='no trained run there'):
     evaluate.evaluate_file(str(tmp_path / 'nothing'), str(text))
+
+
+@pytest.mark.parametrize('write, message', [
+    (lambda p, x, y: open(p, 'wb').close(), 'is not an .npz of arrays (EOFError'),
+    (lambda p, x, y: np.save(open(p, 'wb'), x), 'holds one array, not an .npz of named arrays'),
+    (lambda p, x, y: np.savez(p, image=np.uint8(3), label=np.int64(1)),
+     "'image', 'label' hold a single value, not one per example"),
+    (lambda p, x, y: np.savez(p, image=x, label=y[:, None]),
+     'labels are shaped [21, 1]; this run needs [N] integer class indices'),
+    (lambda p, x, y: np.savez(p, image=x, label=np.stack([y, y], 1)),
+     'labels are shaped [21, 2]; this run needs [N] integer class indices'),
+])
+def test_bad_eval_files_are_one_line_naming_the_problem(trained, tmp_path, write, message):
+  workdir, dataset = trained
+  path = str(tmp_path / 'bad.npz')
+  write(path, dataset.test_images[:21], dataset.test_labels[:21])
+  config, _, _ = tasks.load_run(workdir)
+  with pytest.raises(InputError) as error:
+    evaluate.read_eval_file(path, config, label_shape=())
+  assert message in str(error.value) and '\n' not in str(error.value)
+
+
+def test_eval_file_on_a_run_it_cannot_write_prints_the_result(trained, tmp_path, monkeypatch):
+  workdir, dataset = trained
+  path = str(tmp_path / 'unwritten.npz')
+  np.savez(path, image=dataset.test_images[:21], label=dataset.test_labels[:21])
+
+  def refuse(target, value):  # what a read-only workdir does (root ignores chmod, so simulated)
+    raise PermissionError(13, 'Permission denied', target)
+
+  monkeypatch.setattr(files, 'write_json', refuse)
+  lines = []
+  result = evaluate.evaluate_file(workdir, path, log=lines.append)
+  (line,) = lines
+  assert line.startswith(f'{path}: accuracy {100 * result["accuracy"]:.2f}%')
+  assert line.endswith(f'could not write {evaluate.result_path(workdir, path)} '
+                       f'(Permission denied).')
+  assert not os.path.exists(evaluate.result_path(workdir, path))
+
+
+def test_export_into_a_missing_folder_is_one_line(tmp_path):
+  with pytest.raises(InputError) as error:
+    files.save_npz(str(tmp_path / 'nowhere' / 'pairs.npz'), {'a': np.zeros(2)})
+  assert str(error.value) == (f'{tmp_path / "nowhere" / "pairs.npz"}: the folder '
+                              f'{tmp_path / "nowhere"} does not exist; create it or write '
+                              f'elsewhere.')

@@ -47,19 +47,31 @@ def read_eval_file(path: str, config: TrainConfig, extra_keys: Sequence[str] = (
     InputError: naming the file, what is wrong (not an .npz, a missing key, a
       dtype, a size, labels out of range) and what the file must hold.
   """
+  how = "write one with numpy.savez(path, image=..., label=...)"
   try:
-    with np.load(path, allow_pickle=False) as f:
-      arrays = {name: f[name] for name in f.files}
+    loaded = np.load(path, allow_pickle=False)
   except FileNotFoundError:
     raise InputError(f'--eval_file={path}: no such file.') from None
-  except (zipfile.BadZipFile, ValueError, OSError) as e:
-    raise InputError(f'{path} is not an .npz of arrays ({e}); write one with '
-                     f"numpy.savez(path, image=..., label=...).") from None
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    raise InputError(f'{path} is not an .npz of arrays ({type(e).__name__}: {e}); '
+                     f'{how}.') from None
+  if not isinstance(loaded, np.lib.npyio.NpzFile):  # one array, as numpy.save writes it
+    raise InputError(f'{path} holds one array, not an .npz of named arrays; {how}.')
+  with loaded as f:
+    try:
+      arrays = {name: f[name] for name in f.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+      raise InputError(f'{path}: an array cannot be read ({type(e).__name__}: {e}); '
+                       f'{how}.') from None
   missing = [name for name in ('image', 'label', *extra_keys) if name not in arrays]
   if missing:
     raise InputError(f'{path} lacks {", ".join(map(repr, missing))} (it holds '
                      f'{sorted(arrays) or "nothing"}); an evaluation file holds image uint8 '
                      f'[N, H, W] or [N, H, W, C] and label int [N].')
+  scalars = [name for name, array in arrays.items() if array.ndim == 0]
+  if scalars:
+    raise InputError(f'{path}: {", ".join(map(repr, scalars))} hold a single value, not one '
+                     f'per example; give image uint8 [N, H, W] and label int [N].')
   images, labels = arrays['image'], arrays['label']
   count = len(images)
   if not count:
@@ -126,8 +138,12 @@ def evaluate_file(workdir: str, path: str, log: Callable[[str], None] = print) -
             'step': int(state.step), **means, 'error': 1.0 - means['accuracy'],
             'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
   out = result_path(workdir, path)
+  wrote = f'wrote {out}'
   if jax.process_index() == 0:
-    files.write_json(out, result)
+    try:
+      files.write_json(out, result)
+    except OSError as e:  # a run one may read but not write: the result still counts
+      wrote = f'could not write {out} ({e.strerror})'
   log(f'{path}: accuracy {100 * means["accuracy"]:.2f}% (error {100 * result["error"]:.2f}%) '
-      f'on {count} examples, checkpoint of epoch {identity["epoch"]} of {workdir}; wrote {out}.')
+      f'on {count} examples, checkpoint of epoch {identity["epoch"]} of {workdir}; {wrote}.')
   return result
