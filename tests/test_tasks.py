@@ -13,7 +13,7 @@ TINY = dict(conv_features=8, primary_types=2, primary_dim=4, digit_dim=4, conv_i
 
 def _reconstruction_sums(state, images, masks):
   """float64 sum over the batch of squared reconstruction errors with the given capsule masks."""
-  out = state.apply_fn({'params': state.params}, images, masks)
+  out = jax.jit(state.apply_fn)({'params': state.params}, images, masks)
   recon = np.asarray(out.reconstructions, np.float64)
   target = np.asarray(images, np.float64)
   if recon.ndim == 5:  # [B, M, H, W, C]: one target per mask (MultiMNIST's digits)
