@@ -157,7 +157,9 @@ def main() -> None:
               settings={'test_seed': FLAGS.test_seed, 'affine_test': name,
                         'affine_copies': None if FLAGS.affnist_dir else FLAGS.affine_copies},
               pictures=pictures)
-  train_and_evaluate(config, task, FLAGS.workdir, eval_only=FLAGS.eval_only, log=common.say)
+  train_and_evaluate(config, task, FLAGS.workdir, eval_only=FLAGS.eval_only, log=common.say,
+                     progress=common.status)
+
 
 if __name__ == '__main__':
   common.run_main(main)

@@ -5,6 +5,9 @@ defined here once from the config's own fields (`capsjax.settings`), so a
 config and a command line say the same thing.
 """
 
+import os
+import shlex
+import shutil
 import sys
 
 from absl import app, flags, logging
@@ -15,7 +18,7 @@ import numpy as np
 from capsjax import data, settings, visualize
 from capsjax.analysis import evaluate
 from capsjax.errors import InputError
-from capsjax.training import RECIPES, TrainConfig, distributed, evaluation_params
+from capsjax.training import RECIPES, TrainConfig, distributed, evaluation_params, stopping
 from experiments import runtime
 
 FLAGS = flags.FLAGS
@@ -77,9 +80,33 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+_status = {'shown': False}
+
+
 def say(message: str) -> None:
+  """Print a line to keep (from the writing process only)."""
   if is_writer():
+    _end_status_line()
     print(message, flush=True)
+
+
+def status(message: str) -> None:
+  """Show a progress line: rewritten in place on a terminal, a plain line in a log file."""
+  if not is_writer():
+    return
+  if not sys.stdout.isatty():
+    print(message, flush=True)
+    return
+  width = shutil.get_terminal_size().columns
+  sys.stdout.write('\r' + message.strip()[:width - 1] + '\x1b[K')
+  sys.stdout.flush()
+  _status['shown'] = True
+
+
+def _end_status_line():
+  if _status['shown']:
+    sys.stdout.write('\n')
+    _status['shown'] = False
 
 
 def config_from_flags(dataset: data.Dataset, **overrides) -> TrainConfig:
@@ -166,5 +193,12 @@ def run_main(body):
         body()
     except InputError as e:
       sys.exit(f'error: {e}')
+    except stopping.Stopped as e:
+      _end_status_line()
+      if is_writer():
+        module = os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, '.')
+        print(f'{e}\n  resume: python -m {module} {shlex.join(sys.argv[1:])}', file=sys.stderr,
+              flush=True)
+      sys.exit(e.exit_status)
 
   app.run(main)

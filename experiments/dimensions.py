@@ -83,8 +83,12 @@ def main() -> None:
   images = jnp.asarray(dataset.test_images[:FLAGS.digits], jnp.float32) / 255.0
   if not common.is_writer():
     return
-  sheet, figure, predictions = draw(config, evaluation_params(state), images, labels,
-                                    FLAGS.workdir, f'{FLAGS.workdir}, epoch {identity["epoch"]}')
+  try:
+    sheet, figure, predictions = draw(config, evaluation_params(state), images, labels,
+                                      FLAGS.workdir, f'{FLAGS.workdir}, {identity["checkpoint"]}')
+  except OSError as e:  # a run one may read but not write
+    raise InputError(f'could not write the pictures into {FLAGS.workdir} ({e.strerror}); copy the '
+                     f'run to a folder you can write and pass that as --workdir.') from None
   common.say(f'Wrote {sheet} and {figure} for {FLAGS.digits} test digits '
              f'({int(np.sum(predictions == labels))} predicted right).')
 

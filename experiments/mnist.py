@@ -48,7 +48,8 @@ def main():
   dataset = common.load_data()
   config = common.config_from_flags(dataset)
   train_and_evaluate(config, mnist_task(config, dataset, FLAGS.workdir), FLAGS.workdir,
-                     eval_only=FLAGS.eval_only, log=common.say)
+                     eval_only=FLAGS.eval_only, log=common.say,
+                     progress=common.status)
 
 
 if __name__ == '__main__':

@@ -119,7 +119,8 @@ def main() -> None:
       dataset, shift_pixels=0,
       image_shape=(height + 2 * multimnist.PAD, width + 2 * multimnist.PAD, channels))
   train_and_evaluate(config, multimnist_task(config, dataset, FLAGS.workdir), FLAGS.workdir,
-                     eval_only=FLAGS.eval_only, log=common.say)
+                     eval_only=FLAGS.eval_only, log=common.say,
+                     progress=common.status)
 
 if __name__ == '__main__':
   common.run_main(main)

@@ -89,7 +89,7 @@ def run_row(row: Row, dataset: Dataset) -> dict:
     else:
       common.say(f'== {row.name} seed {seed} ({workdir})')
       train_and_evaluate(config, mnist.mnist_task(config, dataset, workdir), workdir,
-                         log=common.say)
+                         log=common.say, progress=common.status)
       record = finished_record(workdir, config.epochs)
     seconds = sum(r['epoch_seconds'] for r in read_metrics(os.path.join(workdir, METRICS_FILE)))
     runs.append({'seed': seed, 'test_error': record['test_error'], 'seconds': seconds})

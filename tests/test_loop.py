@@ -28,7 +28,7 @@ from capsjax.errors import InputError
 from capsjax.nn.losses import capsnet_loss_terms
 from capsjax.tasks import classification_losses
 from capsjax.training import Task, TrainConfig, create_train_state, loop, rundir, steps
-from capsjax.training.checkpoint import Checkpointer
+from capsjax.training.checkpoint import Checkpointer, Progress
 from tests import reference
 from tests.conftest import REPO, write_dataset
 
@@ -201,9 +201,8 @@ def test_resume_may_change_epochs(resumed):
   workdir, lines, record, _ = resumed
   assert 'Resumed from the checkpoint of epoch 1 (step 4).' in lines
   assert record['epoch'] == 3 and record['step'] == 12
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'))
-  assert checkpointer.latest_epoch() == 3
-  checkpointer.close()
+  with Checkpointer(os.path.join(workdir, 'checkpoints'), create=False) as checkpointer:
+    assert [saved.step for saved in checkpointer.saved()] == [12, 8]
 
 
 def test_curves_are_redrawn_each_epoch_from_every_epoch_of_the_run(resumed):
@@ -246,11 +245,10 @@ def test_divergence_in_epoch_2_keeps_epoch_1(diverged_in_epoch_2, small_state):
   assert re.search(r'the loss is (nan|inf|-inf) at step 2/4 of epoch 2 \(step 6 of the run\)',
                    str(error)), str(error)
   assert 'the last good checkpoint, of epoch 1, stays in' in str(error)
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'))
-  assert checkpointer.latest_epoch() == 1
-  restored = checkpointer.restore(small_state)
-  checkpointer.close()
-  assert int(restored.step) == 4
+  with Checkpointer(os.path.join(workdir, 'checkpoints'), create=False) as checkpointer:
+    assert [saved.step for saved in checkpointer.saved()] == [4]
+    restored, progress = checkpointer.restore(small_state)
+  assert int(restored.step) == 4 and progress.epoch == 1 and progress.epoch_done
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(restored.params))
   assert [r['epoch'] for r in strict_records(os.path.join(workdir, 'metrics.jsonl'))] == [1]
 
@@ -405,10 +403,9 @@ def test_without_shifts_the_rng_changes_nothing():
 def test_create_train_state_keys_the_rng_and_checkpoints_keep_it(small_state, tmp_path):
   other = create_train_state(jax.random.PRNGKey(1), CONFIG, classification_losses)
   assert not np.array_equal(small_state.rng, other.rng)
-  checkpointer = Checkpointer(str(tmp_path))
-  checkpointer.save(1, small_state)
-  restored = checkpointer.restore(other)
-  checkpointer.close()
+  with Checkpointer(str(tmp_path)) as checkpointer:
+    checkpointer.save(small_state, Progress.end_of(1))
+    restored, _ = checkpointer.restore(other)
   np.testing.assert_array_equal(restored.rng, small_state.rng)
 
 

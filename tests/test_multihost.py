@@ -2,11 +2,13 @@
 
 Two `python -m experiments.mnist` processes on localhost, 4 forced CPU devices
 each, joined with --coordinator_address, must give the parameters one process
-with 8 devices gives on the same batches, after an epoch and after resuming
-for a second; and only the first process writes the run's files.
+with 8 devices gives on the same batches, after an epoch and after a SIGTERM to
+one process inside the second (both save the same step and stop) and a resume;
+and only the first process writes the run's files.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,10 +55,10 @@ def train_two_processes(flags):
                         f'--process_id={n}')) for n in range(2)])
 
 
-def params_at(workdir, epoch):
+def params_at(workdir, step):
   config, state, _ = tasks.load_run(workdir)
-  with Checkpointer(os.path.join(workdir, 'checkpoints')) as checkpointer:
-    return jax.tree.leaves(checkpointer.restore(state, epoch).params)
+  with Checkpointer(os.path.join(workdir, 'checkpoints'), create=False) as checkpointer:
+    return jax.tree.leaves(checkpointer.restore(state, step)[0].params)
 
 
 def assert_same_params(first, second):
@@ -80,12 +82,24 @@ def test_two_processes_train_as_one(tmp_path, tiny_dataset):
   records = rundir.read_metrics(os.path.join(two, rundir.METRICS_FILE))
   assert [r['epoch'] for r in records] == [1] and records[0]['num_devices'] == GLOBAL_DEVICES
   assert os.path.isfile(os.path.join(two, rundir.CURVES_FILE))
-  assert_same_params(params_at(two, 1), params_at(one, 1))
+  assert_same_params(params_at(two, 4), params_at(one, 4))
 
+  # SIGTERM to the second process alone, inside epoch 2: both save the same step and stop.
+  address = f'localhost:{free_port()}'
+  procs = [start([*common, f'--workdir={two}', '--epochs=2', '--progress_seconds=0'],
+                 GLOBAL_DEVICES // 2, (f'--coordinator_address={address}', '--num_processes=2',
+                                       f'--process_id={n}')) for n in range(2)]
+  for line in procs[0].stdout:
+    if line.startswith('  epoch 2/2 step 1/4'):
+      procs[1].send_signal(signal.SIGTERM)
+      break
+  errors = [proc.communicate(timeout=300)[1] for proc in procs]
+  assert [proc.returncode for proc in procs] == [143, 143], errors[0][-2000:]
+  assert 'Stopped by a stop request on another process after ' in errors[0]
   out, _ = train_two_processes([*common, f'--workdir={two}', '--epochs=2'])
-  assert 'Resumed from the checkpoint of epoch 1' in out
+  assert 'Resumed from the checkpoint of ' in out
   assert [r['epoch'] for r in rundir.read_metrics(os.path.join(two, rundir.METRICS_FILE))] == [1, 2]
-  assert_same_params(params_at(two, 2), params_at(one, 2))
+  assert_same_params(params_at(two, 8), params_at(one, 8))
   single_record = rundir.read_metrics(os.path.join(one, rundir.METRICS_FILE))[-1]
   two_record = rundir.read_metrics(os.path.join(two, rundir.METRICS_FILE))[-1]
   for key in ('train_loss', 'test_loss', 'test_accuracy'):

@@ -31,7 +31,7 @@ from capsjax.training import (
   rundir,
   steps,
 )
-from capsjax.training.checkpoint import Checkpointer
+from capsjax.training.checkpoint import Checkpointer, Progress
 from tests.conftest import REPO, write_dataset
 from tests.test_loop import SMALL_FLAGS, mnist_task, run_cli, strict_records
 from tests.test_train import SMALL, fixed_batch
@@ -156,8 +156,8 @@ def test_checkpoints_keep_the_ema(tmp_path):
   state, _ = jax.jit(steps.train_step)(
       create_train_state(jax.random.PRNGKey(0), config, classification_losses), fixed_batch())
   with Checkpointer(str(tmp_path)) as checkpointer:
-    checkpointer.save(1, state)
-    restored = checkpointer.restore(create_train_state(jax.random.PRNGKey(1), config,
+    checkpointer.save(state, Progress.end_of(1))
+    restored, _ = checkpointer.restore(create_train_state(jax.random.PRNGKey(1), config,
                                                        classification_losses))
   assert int(restored.ema.count) == 1
   for a, b in zip(jax.tree.leaves(state.ema), jax.tree.leaves(restored.ema)):

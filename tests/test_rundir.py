@@ -9,7 +9,7 @@ import pytest
 from capsjax import tasks
 from capsjax.errors import InputError
 from capsjax.training import TrainConfig, create_train_state, rundir
-from capsjax.training.checkpoint import Checkpointer
+from capsjax.training.checkpoint import Checkpointer, Progress
 
 TINY = TrainConfig.create(conv_features=8, primary_types=2, primary_dim=4, digit_dim=4,
                           recon_weight=0.0, conv_impl='xla', epochs=1, batch_size=8)
@@ -21,7 +21,7 @@ def checkpointed(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run'))
   state = create_train_state(jax.random.PRNGKey(0), TINY, tasks.classification_losses, 4)
   with Checkpointer(os.path.join(workdir, rundir.CHECKPOINT_DIR)) as checkpointer:
-    checkpointer.save(1, state)
+    checkpointer.save(state, Progress.end_of(1))
   identity = {'dataset': 'mnist', 'loss': 'classification_losses', 'train_examples': 32,
               'test_examples': 8, **json.loads(json.dumps(TINY.flat()))}
   with open(os.path.join(workdir, rundir.RUN_FILE), 'w') as f:
@@ -34,9 +34,9 @@ def _open(workdir, identity):
     return rundir.open_run(workdir, identity, ('epochs',), checkpointer, write=True)
 
 
-def test_a_matching_run_json_resumes_from_the_latest_checkpoint(checkpointed):
+def test_a_matching_run_json_resumes_from_its_checkpoints(checkpointed):
   workdir, identity = checkpointed
-  assert _open(workdir, identity) == 1
+  assert _open(workdir, identity) is True
 
 
 def test_checkpoints_without_run_json_are_not_resumed_nor_run_json_written(checkpointed,
@@ -48,7 +48,7 @@ def test_checkpoints_without_run_json_are_not_resumed_nor_run_json_written(check
   with pytest.raises(InputError) as error:
     _open(str(copy), identity)
   assert str(error.value) == (
-      f'{copy} holds checkpoints (the latest of epoch 1) but no run.json, so whether they were '
+      f'{copy} holds checkpoints (the newest step_0) but no run.json, so whether they were '
       f'trained with these settings cannot be checked; restore its run.json, or pass another '
       f'--workdir to start a new run.')
   assert not (copy / rundir.RUN_FILE).exists()

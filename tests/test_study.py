@@ -93,6 +93,14 @@ def test_dimensions_command_draws_both_pictures(tmp_path):
   assert sheet.shape[0] > 3 * 8 * 28 and sheet.shape[1] > 11 * 28
   assert couplings.shape[0] > 3 * 28 and couplings.shape[1] > 11 * 28  # digit + 10 maps
   assert len(np.unique(couplings.reshape(-1, 3), axis=0)) > 20
+  # A run it cannot write into (here the picture's name is taken by a folder): one line.
+  os.remove(os.path.join(workdir, 'couplings.png'))
+  os.mkdir(os.path.join(workdir, 'couplings.png'))
+  proc = run('dimensions', f'--workdir={workdir}', f'--data_dir={data_dir}', '--digits=3')
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'error: could not write the pictures into {workdir} (Is a directory); copy the run to a '
+      f'folder you can write and pass that as --workdir.')
 
 
 def test_dimensions_command_errors_are_one_clear_line(tmp_path):

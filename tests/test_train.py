@@ -9,7 +9,7 @@ import numpy as np
 
 from capsjax.tasks import classification_losses
 from capsjax.training import TrainConfig, create_train_state, steps
-from capsjax.training.checkpoint import Checkpointer
+from capsjax.training.checkpoint import Checkpointer, Progress
 from tests.conftest import REPO
 
 # lax.conv compiles faster than the default; tests/test_model.py shows the two agree.
@@ -67,11 +67,12 @@ def test_checkpoint_round_trip(tmp_path):
   config = TrainConfig.create(**SMALL)
   state = create_train_state(jax.random.PRNGKey(0), config, classification_losses)
   state, _ = jax.jit(steps.train_step)(state, fixed_batch())
-  checkpointer = Checkpointer(str(tmp_path))
-  checkpointer.save(3, state)
-  fresh = create_train_state(jax.random.PRNGKey(1), config, classification_losses)
-  restored = checkpointer.restore(fresh)
-  assert checkpointer.latest_epoch() == 3 and int(restored.step) == 1
+  with Checkpointer(str(tmp_path)) as checkpointer:
+    checkpointer.save(state, Progress.end_of(3))
+    fresh = create_train_state(jax.random.PRNGKey(1), config, classification_losses)
+    restored, progress = checkpointer.restore(fresh)
+    assert [saved.name for saved in checkpointer.saved()] == ['step_1']
+  assert progress == Progress.end_of(3) and int(restored.step) == 1
   for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
                   jax.tree.leaves((restored.params, restored.opt_state))):
     np.testing.assert_array_equal(a, b)

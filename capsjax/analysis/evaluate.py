@@ -145,5 +145,5 @@ def evaluate_file(workdir: str, path: str, log: Callable[[str], None] = print) -
     except OSError as e:  # a run one may read but not write: the result still counts
       wrote = f'could not write {out} ({e.strerror})'
   log(f'{path}: accuracy {100 * means["accuracy"]:.2f}% (error {100 * result["error"]:.2f}%) '
-      f'on {count} examples, checkpoint of epoch {identity["epoch"]} of {workdir}; {wrote}.')
+      f'on {count} examples, checkpoint of {identity["checkpoint"]} of {workdir}; {wrote}.')
   return result

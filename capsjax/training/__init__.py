@@ -6,7 +6,9 @@
   task        Task: what a run trains on (data, loss, batches, pictures)
   loop        train_and_evaluate over train_epoch
   rundir      run.json, metrics.jsonl, resume checks
-  checkpoint  orbax checkpoints
+  checkpoint  checkpoints by step, with the epoch's progress and digests
+  stopping    SIGTERM / Ctrl-C: save and stop; Stopped
+  lock        one training process per run folder
   distributed joining the processes of a multi-host run
 """
 
@@ -14,8 +16,9 @@ from capsjax.training.config import RECIPES, DataConfig, OptimizerConfig, RunCon
 from capsjax.training.loop import Diverged, train_and_evaluate
 from capsjax.training.state import TrainState, create_train_state, evaluation_params
 from capsjax.training.steps import check_batch, eval_step, pmap_steps, train_step
+from capsjax.training.stopping import Stopped
 from capsjax.training.task import Task
 
 __all__ = ['DataConfig', 'Diverged', 'OptimizerConfig', 'RECIPES', 'RunConfig', 'Task',
            'TrainConfig', 'TrainState', 'check_batch', 'create_train_state', 'eval_step',
-           'evaluation_params', 'pmap_steps', 'train_and_evaluate', 'train_step']
+           'evaluation_params', 'pmap_steps', 'Stopped', 'train_and_evaluate', 'train_step']

@@ -76,6 +76,9 @@ class RunConfig:
   """How a run reports; nothing here changes what it computes."""
   progress_seconds: float = setting(20.0, 'Seconds between progress lines within an epoch.',
                                     lower=0)
+  checkpoint_every_minutes: float = setting(
+      10.0, 'Minutes between checkpoints inside an epoch, besides the one at each epoch end (0: '
+      'at epoch ends only). A stopped run loses at most this much training.', lower=0)
 
   def __post_init__(self):
     settings.validate(self)

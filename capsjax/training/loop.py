@@ -13,9 +13,12 @@ with `Diverged` before anything of it is written, so the last good checkpoint
 stays the one to resume from.
 """
 
+import contextlib
+import dataclasses
+import datetime
 import os
 import time
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import flax.jax_utils
 import jax
@@ -24,9 +27,10 @@ import numpy as np
 
 from capsjax import data, models, visualize
 from capsjax.errors import InputError
-from capsjax.training import rundir, steps
-from capsjax.training.checkpoint import Checkpointer
-from capsjax.training.config import TrainConfig
+from capsjax.training import rundir, steps, stopping
+from capsjax.training.checkpoint import Checkpointer, Progress
+from capsjax.training.config import RunConfig, TrainConfig
+from capsjax.training.lock import WorkdirLock, describe, read_holder
 from capsjax.training.state import create_train_state
 from capsjax.training.task import Task
 
@@ -198,54 +202,131 @@ class Splits:
 
 
 class EpochTrainer:
-  """Runs the steps of an epoch, timing all but this process's first (compiling) step."""
+  """Runs the steps of an epoch from wherever it stands, saving on a timer or a stop request.
 
-  def __init__(self, p_train, images, labels, batch_size: int, progress_seconds: float, log: Log):
-    """p_train from `steps.pmap_steps`; images and labels replicated; the rest as named."""
+  Times all but this process's first (compiling) step, and prints progress
+  lines with the time left in the epoch and in the run.
+  """
+
+  def __init__(self, p_train, images, labels, batch_size: int, steps_per_epoch: int,
+               run: RunConfig, log: Log, progress: Log, stops: stopping.StopRequests,
+               last_epoch: int):
+    """p_train from `steps.pmap_steps`; images and labels replicated; run: the
+    `RunConfig` (progress and checkpoint intervals); log: lines to keep; progress:
+    status lines; stops: the run's `StopRequests`; last_epoch: the run's last."""
     self._p_train, self._images, self._labels = p_train, images, labels
-    self._batch_size = batch_size
-    self._progress_seconds, self._log = progress_seconds, log
+    self._batch_size, self._steps_per_epoch = batch_size, steps_per_epoch
+    self._run, self._log, self._progress, self._stops = run, log, progress, stops
+    self._last_epoch = last_epoch
     self._compiled = False
+    self.evaluation_seconds = 0.0  # of the last epoch's evaluation, for the time left
 
-  def train_epoch(self, epoch, replicated, order, check):
-    """Train on `order` in batches, dropping a last partial batch.
+  def seconds_left(self, epoch: int, steps_done: int, rate: float) -> Tuple[float, float]:
+    """(seconds left in `epoch` after `steps_done` steps, seconds left in the run)."""
+    epoch_steps = self._steps_per_epoch * self._batch_size / max(rate, 1e-9)
+    in_epoch = (self._steps_per_epoch - steps_done) * self._batch_size / max(rate, 1e-9)
+    return in_epoch, (in_epoch + self.evaluation_seconds
+                      + (self._last_epoch - epoch) * (epoch_steps + self.evaluation_seconds))
+
+  def train_epoch(self, epoch: int, replicated, order: np.ndarray, progress: Progress,
+                  save: Callable, check: Callable, on_step: Callable[[], None] = lambda: None):
+    """Train the rest of an epoch: the batches of `order` after `progress.steps`.
 
     Args:
-      epoch: its number, for the progress lines.
+      epoch: its number.
       replicated: the replicated `TrainState`.
-      order: int [N], the example indices in this epoch's order.
-      check: callable(step_metrics on the host) raising if training diverged;
-        called at each progress line, which reads the metrics anyway.
+      order: int [N], the example indices in this epoch's order (a last partial
+        batch is dropped).
+      progress: the `Progress` of the epoch so far (steps done, metric sums).
+      save: callable(replicated, progress) writing a checkpoint inside the epoch,
+        called every `checkpoint_every_minutes` and on a stop request.
+      check: callable(step_metrics on the host, first step's index in the epoch)
+        raising if training diverged.
+      on_step: called after each step (the lock's refresh).
 
     Returns:
-      (replicated state, list of per-step metric dicts on the host, images/s).
+      (replicated state, the epoch's `Progress`, whether a stop was requested;
+      if it was, the state was saved).
     """
-    steps_in_epoch = len(order) // self._batch_size
-    step_metrics, timed_images = [], 0
-    last_report = started = time.perf_counter()
-    for step in range(steps_in_epoch):
+    pending = []  # the metrics of the steps since the last fold, on the device
+    mark = started = last_report = last_save = time.perf_counter()
+    save_seconds = 60 * self._run.checkpoint_every_minutes
+
+    def fold(progress, timed=True):
+      """Bring the pending steps' metrics to the host, check them, add them to the sums."""
+      nonlocal mark
+      fetched = jax.device_get(pending)  # waits for the device
+      check(fetched, progress.steps)
+      sums = dict(progress.sums)
+      for metrics in fetched:  # in step order, in float64: the same sums however split
+        for name, value in metrics.items():
+          sums[name] = sums.get(name, 0.0) + float(value)
+      now = time.perf_counter()
+      progress = dataclasses.replace(
+          progress, steps=progress.steps + len(fetched), sums=sums,
+          seconds=progress.seconds + now - mark,
+          timed_seconds=progress.timed_seconds + (now - mark if timed else 0.0),
+          timed_images=progress.timed_images + (self._batch_size * len(fetched) if timed else 0))
+      pending.clear()
+      mark = now
+      return progress
+
+    for step in range(progress.steps, self._steps_per_epoch):
       indices = order[step * self._batch_size:(step + 1) * self._batch_size].astype(np.int32)
       replicated, metrics = self._p_train(replicated, self._images, self._labels,
                                           local_shards(indices))
-      step_metrics.append(flax.jax_utils.unreplicate(metrics))
+      pending.append(flax.jax_utils.unreplicate(metrics))
       if not self._compiled:  # the first step includes compilation: not timed
-        jax.block_until_ready(metrics)
+        progress = fold(progress, timed=False)
         self._log(f'  compiled and ran the first step in {time.perf_counter() - started:.1f}s')
-        started = last_report = time.perf_counter()
         self._compiled = True
-      else:
-        timed_images += self._batch_size
-      if (time.perf_counter() - last_report > self._progress_seconds
-          and step + 1 < steps_in_epoch):
-        fetched = jax.device_get(step_metrics)  # waits for the device
-        check(fetched)
-        loss = np.mean([m['loss'] for m in fetched])
-        rate = timed_images / max(time.perf_counter() - started, 1e-9)
-        self._log(f'  epoch {epoch} step {step + 1}/{steps_in_epoch}  loss {loss:.4f}  '
-                  f'{rate:.1f} images/s')
         last_report = time.perf_counter()
-    images_per_sec = timed_images / max(time.perf_counter() - started, 1e-9)
-    return replicated, jax.device_get(step_metrics), images_per_sec
+      on_step()
+      done = step + 1
+      if done == self._steps_per_epoch:
+        break
+      now = time.perf_counter()
+      stop, save_due = stopping.any_process(
+          self._stops.signal_number is not None,
+          save_seconds > 0 and now - last_save >= save_seconds)
+      report_due = now - last_report > self._run.progress_seconds
+      if report_due or stop or save_due:
+        progress = fold(progress)
+      if report_due:
+        self._progress(self.progress_line(epoch, progress))
+        last_report = time.perf_counter()
+      if stop or save_due:
+        save(replicated, progress)
+        last_save = time.perf_counter()
+        # The save's time is the epoch's, but not training's: images/s leaves it out.
+        progress = dataclasses.replace(progress, seconds=progress.seconds + last_save - mark)
+        mark = last_save
+        if stop:
+          return replicated, progress, True
+    if pending:
+      progress = fold(progress)
+    return replicated, progress, False
+
+  def progress_line(self, epoch: int, progress: Progress) -> str:
+    """'  epoch 7/50 step 120/468  loss 0.0190  86.7 images/s  4m02s left in the epoch, ...'"""
+    line = (f'  epoch {epoch}/{self._last_epoch} step {progress.steps}/{self._steps_per_epoch}  '
+            f'loss {progress.sums["loss"] / progress.steps:.4f}')
+    if progress.timed_images:  # none yet right after this process's compiling step
+      rate = progress.timed_images / progress.timed_seconds
+      in_epoch, in_run = self.seconds_left(epoch, progress.steps, rate)
+      line += (f'  {rate:.1f} images/s  {duration(in_epoch)} left in the epoch, '
+               f'{duration(in_run)} in the run')
+    return line
+
+
+def duration(seconds: float) -> str:
+  """A duration as people read it: '42s', '4m02s', '7h12m'."""
+  seconds = int(round(max(seconds, 0)))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
 
 
 def _first_nonfinite(step_losses) -> Tuple[int, float]:
@@ -259,25 +340,33 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def divergence_check(epoch: int, steps_in_epoch: int, first_step: int, checkpoint_dir: str):
+def divergence_check(epoch: int, steps_in_epoch: int, epoch_first_step: int,
+                     last_good: Callable[[], str]):
   """A `check` for `EpochTrainer.train_epoch`: raises `Diverged` at the first non-finite loss.
 
-  The returned callable(step_metrics, what=None) also raises, naming `what`,
-  when a non-finite value was found elsewhere (a parameter, an evaluation).
+  Args:
+    epoch, steps_in_epoch: where the run is.
+    epoch_first_step: the run's optimizer step at the start of the epoch.
+    last_good: callable returning what the last good checkpoint is, for the message.
+
+  Returns:
+    callable(step_metrics, first=0, what=None): step_metrics, a list of the
+    host metric dicts of the steps from the epoch's step index `first` on;
+    raises at a non-finite loss among them, or, naming `what`, when a
+    non-finite value was found elsewhere (a parameter, an evaluation).
   """
 
-  def check(step_metrics, what=None):
+  def check(step_metrics, first=0, what=None):
     bad = _first_nonfinite([m['loss'] for m in step_metrics])
     if not bad and not what:
       return
     step, value = bad or (len(step_metrics) - 1, what)
-    good = (f'the last good checkpoint, of epoch {epoch - 1}, stays in {checkpoint_dir}'
-            if epoch > 1 else 'no checkpoint was written')
+    step += first
     raise Diverged(
         f'training diverged: the loss is {value} at step {step + 1}/{steps_in_epoch} of epoch '
-        f'{epoch} (step {first_step + step + 1} of the run); nothing of that epoch was saved '
-        f'and {good}. Lower --learning_rate (in a new --workdir), or resume with the same '
-        f'command, which repeats the same steps.')
+        f'{epoch} (step {epoch_first_step + step + 1} of the run); {last_good()}. Lower '
+        f'--learning_rate (in a new --workdir), or resume with the same command, which repeats '
+        f'the same steps.')
 
   return check
 
@@ -296,27 +385,39 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 
 def train_and_evaluate(config: TrainConfig, task: Task, workdir: str, *, eval_only: bool = False,
-                       log: Log = print) -> dict:
+                       log: Log = print, progress: Optional[Log] = None) -> dict:
   """Train `config` on `task` in `workdir` (resuming what is there), or evaluate it.
+
+  Checkpoints are written at each epoch's end and every
+  `config.run.checkpoint_every_minutes` inside an epoch; a resume continues from
+  the newest whole one at its step, with the same batches, shifts and dropout,
+  so a run stopped and resumed ends with the parameters and metrics.jsonl of
+  one that was not (but for its timings). SIGTERM or SIGINT saves a checkpoint
+  after the current step and raises `Stopped`.
 
   Args:
     config: a `TrainConfig`; its model's image_shape and num_classes must be the data's.
     task: the `Task`: data, loss, batches, further test sets, pictures.
     workdir: the run's folder.
     eval_only: evaluate the latest checkpoint and stop, writing nothing.
-    log: called with each line of progress.
+    log: called with each line to keep.
+    progress: called with each progress line inside an epoch (default: `log`);
+      a terminal may show them in place.
 
   Returns:
     The last epoch's metrics record (with eval_only or nothing left to train:
     the evaluation of the checkpoint, 'epoch' being its epoch).
 
   Raises:
-    InputError: settings that do not fit the data, the devices or the saved run.
+    InputError: settings that do not fit the data, the devices or the saved run;
+      another process training in `workdir`; a folder that cannot be written.
     Diverged: a NaN or infinite loss or parameter.
+    Stopped: SIGTERM or SIGINT; a checkpoint of the last step was saved.
   """
   writer = jax.process_index() == 0  # every process computes the same; one writes
   if not writer:
     log = lambda line: None  # noqa: E731
+  progress_log = progress if progress is not None and writer else log
   if not workdir:
     raise InputError("--workdir is empty; name the run's folder, e.g. --workdir=runs/mnist.")
   splits = Splits(config, task, eval_only)
@@ -327,67 +428,166 @@ def train_and_evaluate(config: TrainConfig, task: Task, workdir: str, *, eval_on
   # Before anything is written: building the model checks that it fits the images.
   state = create_train_state(jax.random.PRNGKey(config.seed), config, task.loss_fn,
                              splits.steps_per_epoch)
-  with Checkpointer(checkpoint_dir, create=not eval_only) as checkpointer:
-    start_epoch = rundir.open_run(workdir, identity, config.resumable_settings(), checkpointer,
-                                  write=writer and not eval_only)
-    if eval_only and not start_epoch:
-      raise InputError(f'--eval_only: no complete checkpoint in {checkpoint_dir} to evaluate.')
-    if start_epoch:
-      state = checkpointer.restore(state)
-      log(f'Resumed from the checkpoint of epoch {start_epoch} (step {int(state.step)}).')
-    metrics_log = (rundir.MetricsLog(os.path.join(workdir, rundir.METRICS_FILE), start_epoch, log)
-                   if writer and not eval_only else None)
-    log(_start_line(config, task, splits))
-    p_train = splits.put_on_devices()
-    replicated = steps.replicate(state)
-    # With an EMA, the validation split is evaluated with the trained weights too
-    # ('validation_raw_*'), so whether the average helps is judged on held-out data.
-    raw = ('validation',) if config.optimizer.ema_decay and 'validation' in splits.held_out else ()
-    schedule = config.learning_rate_schedule(splits.steps_per_epoch)
-    trainer = EpochTrainer(p_train, *splits.train, config.batch_size,
-                           config.run.progress_seconds, log)
-    title = f'{workdir}: {task.name}, {models.describe(config.model)}'
-    record = None
-    last_epoch = start_epoch if eval_only else max(start_epoch, config.epochs)
+  if eval_only:
+    return _evaluate_checkpoint(config, task, workdir, splits, identity, state, log)
+  lock = contextlib.nullcontext()
+  if writer:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise InputError(f'cannot make the folder {workdir} ({e.strerror}); give a --workdir '
+                       f'that can be written.') from None
+    lock = WorkdirLock(workdir, log)
+  with lock, Checkpointer(checkpoint_dir, log=log) as checkpointer, \
+       stopping.StopRequests() as stops:
+    try:
+      return _train(config, task, workdir, splits, identity, state, checkpointer, stops,
+                    lock if writer else None, log, progress_log)
+    except OSError as e:  # the run's own files: a full or read-only disk
+      saved = checkpointer.saved()
+      raise InputError(
+          f'could not write {e.filename or "in " + workdir} ({e.strerror or e}); '
+          + (f'the checkpoint {saved[0].name} is intact' if saved else 'no checkpoint was saved')
+          + '. Free space or make the folder writable, then rerun the same command to resume.'
+      ) from None
 
-    for epoch in range(start_epoch + 1, last_epoch + 1):
-      epoch_start = time.perf_counter()
-      order = np.random.default_rng([config.seed, epoch]).permutation(
-          splits.counts['train_examples'])
-      check = divergence_check(epoch, splits.steps_per_epoch, int(state.step), checkpoint_dir)
-      replicated, step_metrics, images_per_sec = trainer.train_epoch(epoch, replicated, order,
-                                                                     check)
-      check(step_metrics)
-      state = flax.jax_utils.unreplicate(replicated)
-      if not bool(_all_finite(state.params)):
-        check(step_metrics, 'finite but a parameter is not')
-      record = {'epoch': epoch, 'step': int(state.step),
-                **{f'train_{name}': float(np.mean([m[name] for m in step_metrics]))
-                   for name in step_metrics[0]},
-                **splits.evaluate(replicated, raw),
-                'learning_rate': float(schedule(int(state.step))),
-                'images_per_sec': images_per_sec,
-                'epoch_seconds': time.perf_counter() - epoch_start,
-                'num_devices': jax.device_count()}
-      if not np.all(np.isfinite(list(record.values()))):
-        check(step_metrics, 'finite but the evaluation is not')
-      if writer:  # the metrics line before the checkpoint: a resume drops lines past it
-        metrics_log.append(record)
-        visualize.training_curves(metrics_log.records,
-                                  os.path.join(workdir, rundir.CURVES_FILE), title=title)
-      checkpointer.save(epoch, state)
-      if task.pictures and writer:
-        task.pictures(state)
-      log(epoch_line(record, config.epochs))
 
-    if record is None:  # nothing left to train (or --eval_only): evaluate the checkpoint
-      record = {'epoch': last_epoch, 'step': int(state.step), **splits.evaluate(replicated)}
-      if task.pictures and writer and not eval_only:
-        task.pictures(state)
+def _evaluate_checkpoint(config, task, workdir, splits, identity, state, log) -> dict:
+  """--eval_only: the held-out splits' metrics of the newest whole checkpoint; writes nothing."""
+  holder = read_holder(workdir)
+  if holder:
+    log(f'A training process ({describe(holder)}) is writing {workdir}; evaluating its newest '
+        f'checkpoint.')
+  with Checkpointer(os.path.join(workdir, rundir.CHECKPOINT_DIR), create=False,
+                    log=log) as checkpointer:
+    rundir.open_run(workdir, identity, config.resumable_settings(), checkpointer, write=False)
+    if not checkpointer.saved():
+      raise InputError(f'--eval_only: no complete checkpoint in {checkpointer.directory} to '
+                       f'evaluate.')
+    state, where = checkpointer.restore(state)
+  splits.put_on_devices()
+  record = {'epoch': where.epoch, 'step': int(state.step),
+            **splits.evaluate(steps.replicate(state))}
+  _final_line(record, splits, where, log)
+  return record
+
+
+def _final_line(record, splits, where: Progress, log):
   log(f'Test accuracy {100 * record["test_accuracy"]:.2f}%, test error '
       f'{100 * record["test_error"]:.2f}% on {splits.counts["test_examples"]} images after '
-      f'epoch {last_epoch}.')
+      f'{where.describe(splits.steps_per_epoch)}.')
+
+
+def _train(config, task, workdir, splits, identity, state, checkpointer, stops, lock, log,
+           progress_log) -> dict:
+  writer = lock is not None
+  steps_per_epoch = splits.steps_per_epoch
+  rundir.open_run(workdir, identity, config.resumable_settings(), checkpointer, write=writer)
+  where = Progress()  # a new run: before epoch 1
+  if checkpointer.saved():
+    state, where = checkpointer.restore(state)
+    log(f'Resumed from the checkpoint of {where.describe(steps_per_epoch)} '
+        f'(step {int(state.step)}).')
+  metrics_log = (rundir.MetricsLog(os.path.join(workdir, rundir.METRICS_FILE),
+                                   where.completed_epochs(), log) if writer else None)
+  log(_start_line(config, task, splits))
+  p_train = splits.put_on_devices()
+  replicated = steps.replicate(state)
+  # With an EMA, the validation split is evaluated with the trained weights too
+  # ('validation_raw_*'), so whether the average helps is judged on held-out data.
+  raw = ('validation',) if config.optimizer.ema_decay and 'validation' in splits.held_out else ()
+  schedule = config.learning_rate_schedule(steps_per_epoch)
+  last_epoch = max(where.completed_epochs(), config.epochs)
+  trainer = EpochTrainer(p_train, *splits.train, config.batch_size, steps_per_epoch, config.run,
+                         log, progress_log, stops, last_epoch)
+  title = f'{workdir}: {task.name}, {models.describe(config.model)}'
+  last_saved = [where if checkpointer.saved() else None]
+
+  def last_good():
+    if last_saved[0] is None:
+      return 'no checkpoint was written'
+    return (f'the last good checkpoint, of {last_saved[0].describe(steps_per_epoch)}, stays in '
+            f'{checkpointer.directory} and nothing after it was saved')
+
+  def save(replicated, epoch_progress, check):
+    state = flax.jax_utils.unreplicate(replicated)
+    if not bool(_all_finite(state.params)):
+      check([], epoch_progress.steps, 'finite but a parameter is not')
+    checkpointer.save(state, epoch_progress)
+    last_saved[0] = epoch_progress
+    return state
+
+  def stop_now(epoch_progress):
+    name = stops.name or 'a stop request on another process'
+    raise stopping.Stopped(
+        f'Stopped by {name} after {epoch_progress.describe(steps_per_epoch)}; its checkpoint '
+        f'is in {checkpointer.directory}. Rerun the same command to resume from it.',
+        stopping.EXIT_STATUS.get(stops.signal_number, 143))
+
+  record = None
+  first_epoch = where.epoch + 1 if where.epoch_done else where.epoch
+  run_started = time.perf_counter()
+  for epoch in range(first_epoch, last_epoch + 1):
+    epoch_progress = where if where.epoch == epoch and not where.epoch_done else Progress(
+        epoch=epoch, epoch_done=False)
+    order = np.random.default_rng([config.seed, epoch]).permutation(
+        splits.counts['train_examples'])
+    check = divergence_check(epoch, steps_per_epoch,
+                             int(state.step) - epoch_progress.steps, last_good)
+    replicated, epoch_progress, stopped = trainer.train_epoch(
+        epoch, replicated, order, epoch_progress,
+        lambda r, p: save(r, p, check), check, on_step=lock.refresh if lock else lambda: None)
+    if stopped:
+      stop_now(epoch_progress)
+    evaluation_start = time.perf_counter()
+    state = flax.jax_utils.unreplicate(replicated)
+    if not bool(_all_finite(state.params)):
+      check([], epoch_progress.steps - 1, 'finite but a parameter is not')
+    sums = epoch_progress.sums
+    record = {'epoch': epoch, 'step': int(state.step),
+              **{f'train_{name}': value / epoch_progress.steps for name, value in sums.items()},
+              **splits.evaluate(replicated, raw),
+              'learning_rate': float(schedule(int(state.step))),
+              'images_per_sec': epoch_progress.timed_images / max(epoch_progress.timed_seconds,
+                                                                   1e-9),
+              'num_devices': jax.device_count()}
+    if not np.all(np.isfinite(list(record.values()))):
+      check([], epoch_progress.steps - 1, 'finite but the evaluation is not')
+    trainer.evaluation_seconds = time.perf_counter() - evaluation_start
+    record['epoch_seconds'] = epoch_progress.seconds + trainer.evaluation_seconds
+    if writer:  # the metrics line before the checkpoint: a resume drops lines past it
+      metrics_log.append(record)
+      visualize.training_curves(metrics_log.records,
+                                os.path.join(workdir, rundir.CURVES_FILE), title=title)
+    epoch_progress = dataclasses.replace(epoch_progress, epoch_done=True,
+                                         seconds=record['epoch_seconds'])
+    save(replicated, epoch_progress, check)
+    if task.pictures and writer:
+      task.pictures(state)
+    log(epoch_line(record, last_epoch))
+    _expected_end(epoch, last_epoch, record, time.perf_counter() - run_started, log)
+    if stopping.any_process(stops.signal_number is not None)[0]:
+      stop_now(epoch_progress)
+    where = epoch_progress
+
+  if record is None:  # nothing left to train: evaluate the checkpoint
+    record = {'epoch': where.epoch, 'step': int(state.step), **splits.evaluate(replicated)}
+    if task.pictures and writer:
+      task.pictures(state)
+  _final_line(record, splits, where, log)
   return record
+
+
+def _expected_end(epoch, last_epoch, record, elapsed, log):
+  """For a run of over an hour, a line with the time left and when it should end."""
+  if epoch == last_epoch:
+    return
+  left = (last_epoch - epoch) * record['epoch_seconds']
+  if elapsed + left < 3600:
+    return
+  end = datetime.datetime.now().astimezone() + datetime.timedelta(seconds=left)
+  log(f'  {last_epoch - epoch} epochs left, about {duration(left)}: expected to end '
+      f'{end:%Y-%m-%d %H:%M %Z}.')
 
 
 def _start_line(config: TrainConfig, task: Task, splits: Splits) -> str:

@@ -19,6 +19,7 @@ from capsjax.errors import InputError
 from capsjax.files import write_json, write_text
 from capsjax.training.checkpoint import Checkpointer
 from capsjax.training.config import TrainConfig
+from capsjax.training.lock import describe, read_holder
 from capsjax.training.state import create_train_state
 
 RUN_FILE = 'run.json'
@@ -133,23 +134,23 @@ def open_run(workdir: str, identity: dict, resumable: tuple, checkpointer: Check
       does not).
 
   Returns:
-    The epoch of the latest checkpoint, 0 for a new run.
+    Whether `workdir` holds checkpoints to resume from.
 
   Raises:
     InputError: the saved run differs, or checkpoints have no run.json to
       check them against.
   """
-  epoch = checkpointer.latest_epoch()
-  if epoch:
+  saved = checkpointer.saved()
+  if saved:
     if not os.path.exists(os.path.join(workdir, RUN_FILE)):
       raise InputError(
-          f'{workdir} holds checkpoints (the latest of epoch {epoch}) but no {RUN_FILE}, so '
+          f'{workdir} holds checkpoints (the newest {saved[0].name}) but no {RUN_FILE}, so '
           f'whether they were trained with these settings cannot be checked; restore its '
           f'{RUN_FILE}, or pass another --workdir to start a new run.')
     check_resumable(read_run_file(workdir), identity, workdir, resumable)
   if write:
     write_json(os.path.join(workdir, RUN_FILE), identity)
-  return epoch
+  return bool(saved)
 
 
 def read_metrics(path: str, log: Callable[[str], None] = print) -> List[dict]:
@@ -239,25 +240,35 @@ def config_from_identity(identity: dict) -> TrainConfig:
     raise InputError(f'{RUN_FILE} does not describe a config this version can build: {e}') from None
 
 
-def restore_run(workdir: str, identity: dict, loss_fn, rng, epoch: Optional[int] = None):
-  """The config and checkpointed state of the run `identity` describes.
+def restore_run(workdir: str, identity: dict, loss_fn, rng, step: Optional[int] = None,
+                log: Callable[[str], None] = print):
+  """The config and checkpointed state of the run `identity` describes; writes nothing.
 
   Args:
     workdir: the run's folder.
     identity: its run.json (`load_run_identity`).
     loss_fn: the run's loss function.
     rng: PRNG key for the state's structure (overwritten by the checkpoint).
-    epoch: the checkpoint to restore (default: the latest).
+    step: the optimizer step of the checkpoint to restore (default: the newest
+      that reads back whole).
+    log: called with a line for each damaged checkpoint skipped, and when a
+      training process is writing the run.
 
   Returns:
-    (config, single-device TrainState, identity with 'epoch' added).
+    (config, single-device TrainState, identity with 'epoch' (the epoch of the
+    checkpoint's last step), 'epoch_done' and 'checkpoint' (a description such
+    as 'epoch 7' or 'step 120 of epoch 7') added).
   """
   config = config_from_identity(identity)
+  holder = read_holder(workdir)
+  if holder:
+    log(f'A training process ({describe(holder)}) is writing {workdir}; reading its newest '
+        f'checkpoint.')
   checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  with Checkpointer(checkpoint_dir, create=False) as checkpointer:
-    epoch = epoch or checkpointer.latest_epoch()
-    if not epoch:
-      raise InputError(f'{checkpoint_dir}: no complete checkpoint; let the run finish an epoch.')
-    state = checkpointer.restore(create_train_state(
-        rng, config, loss_fn, identity['train_examples'] // config.batch_size), epoch)
-  return config, state, {**identity, 'epoch': epoch}
+  with Checkpointer(checkpoint_dir, create=False, log=log) as checkpointer:
+    if not checkpointer.saved():
+      raise InputError(f'{checkpoint_dir}: no complete checkpoint; let the run train longer.')
+    state, where = checkpointer.restore(create_train_state(
+        rng, config, loss_fn, identity['train_examples'] // config.batch_size), step)
+  return config, state, {**identity, 'epoch': where.epoch, 'epoch_done': where.epoch_done,
+                         'checkpoint': where.describe()}
