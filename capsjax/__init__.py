@@ -17,8 +17,14 @@ from capsjax.nn.losses import (
                                margin_loss,
                                reconstruction_loss,
 )
-from capsjax.nn.ops import safe_norm, squash
-from capsjax.nn.routing import batched_dynamic_routing, dynamic_routing
+from capsjax.nn.ops import efficient_squash, safe_norm, squash
+from capsjax.nn.routing import (
+    batched_dynamic_routing,
+    dynamic_routing,
+    em_routing,
+    inverted_dot_product_attention_routing,
+    self_attention_routing,
+)
 
 __version__ = '0.1.0'
 
@@ -26,6 +32,7 @@ __all__ = [
     'BaselineCNN', 'CapsNet', 'CapsNetOutput', 'Conv2D', 'Decoder', 'InputError',
     'PrimaryCapsules', 'RoutedCapsules', 'batched_dynamic_routing', 'capsnet_loss',
     'capsnet_loss_terms', 'cross_entropy_loss', 'decoder_mask',
-    'dynamic_routing', 'init_params', 'margin_loss', 'parameter_counts',
-    'reconstruction_loss', 'safe_norm', 'squash',
+    'dynamic_routing', 'efficient_squash', 'em_routing', 'init_params',
+    'inverted_dot_product_attention_routing', 'margin_loss', 'parameter_counts',
+    'reconstruction_loss', 'safe_norm', 'self_attention_routing', 'squash',
 ]

@@ -4,8 +4,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from capsjax import data
+from capsjax.errors import InputError
+from capsjax.tasks import classification_losses
+from capsjax.training import Task, TrainConfig, loop
 from tests.conftest import REPO, write_dataset
 from tests.test_experiment import SMALL_FLAGS
 
@@ -69,4 +74,28 @@ def test_affine_digits_larger_than_the_canvas_are_one_line(tmp_path):
                          f'--data_dir={data_dir}', f'--workdir={tmp_path / "run"}'],
                         cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
   assert_one_line_error(proc, 'the digits are 48x48, larger than the 40x40 canvas')
+  assert not (tmp_path / 'run').exists()
+
+
+def _dataset(test_size=28, test_count=8):
+  rng = np.random.default_rng(0)
+  return data.Dataset(
+      train_images=rng.integers(0, 255, (32, 28, 28, 1), dtype=np.uint8),
+      train_labels=np.arange(32, dtype=np.int32) % 10,
+      test_images=rng.integers(0, 255, (test_count, test_size, test_size, 1), dtype=np.uint8),
+      test_labels=np.arange(test_count, dtype=np.int32) % 10, num_classes=10, source='made here')
+
+
+@pytest.mark.parametrize('dataset, message', [
+    (_dataset(test_size=32), 'made here: the test images are (32, 32, 1), the training images '
+                             '(28, 28, 1); give both splits images of one size.'),
+    (_dataset(test_count=0), 'made here: the test split is empty; give it test examples.'),
+])
+def test_data_problems_stop_before_the_first_step(tmp_path, dataset, message):
+  # Before: a Flax shape error or KeyError: 'count' after a whole epoch, with no checkpoint.
+  config = TrainConfig.create(batch_size=16, epochs=1)
+  with pytest.raises(InputError) as error:
+    loop.train_and_evaluate(config, Task('mnist', dataset, classification_losses),
+                            str(tmp_path / 'run'), log=lambda _: None)
+  assert str(error.value) == message
   assert not (tmp_path / 'run').exists()

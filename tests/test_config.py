@@ -1,5 +1,6 @@
 """The nested config: one flag per setting, validation in one place, run.json's flat form."""
 
+import json
 import math
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 from capsjax import settings
 from capsjax.errors import InputError
 from capsjax.models import ModelConfig
-from capsjax.training import RECIPES, TrainConfig
+from capsjax.training import RECIPES, TrainConfig, rundir
 from capsjax.training.config import OptimizerConfig
 from tests.conftest import REPO
 
@@ -42,7 +43,16 @@ def test_an_old_flat_run_json_builds_the_nested_config_and_records_the_same():
   flat = config.flat()
   recorded = {k: v for k, v in flat.items()
               if k not in ('train_examples', 'validation_examples', 'test_examples')}
+  assert recorded.pop('routing') == 'dynamic'  # a setting added since: its default
   assert {**recorded, 'image_shape': list(flat['image_shape'])} == OLD_RUN_SETTINGS
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default():
+  current = json.loads(json.dumps(TrainConfig().flat()))
+  saved = {name: value for name, value in current.items() if name != 'routing'}
+  rundir.check_resumable(saved, current, 'runs/old')
+  with pytest.raises(InputError, match="\n  routing: saved 'dynamic', now 'em'\n"):
+    rundir.check_resumable(saved, {**current, 'routing': 'em'}, 'runs/old')
 
 
 def test_create_and_replace_set_leaves_by_flag_name():
@@ -51,8 +61,8 @@ def test_create_and_replace_set_leaves_by_flag_name():
   changed = config.replace(epochs=5, progress_seconds=1.0)
   assert changed.epochs == 5 and changed.run.progress_seconds == 1.0
   assert changed.model == config.model and config.epochs == 2  # frozen: a new config
-  with pytest.raises(InputError, match='no such settings: routing'):
-    config.replace(routing=2)
+  with pytest.raises(InputError, match='no such settings: routing_iterations'):
+    config.replace(routing_iterations=2)
 
 
 @pytest.mark.parametrize('settings_, message', [

@@ -359,13 +359,16 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path, holder, age):
   assert not os.path.exists(path)
 
 
-def test_an_evaluation_beside_a_trainer_reads_and_says_so(tmp_path, task, uninterrupted):
+def test_an_evaluation_beside_a_trainer_reads_writes_nothing_and_says_so(tmp_path, task,
+                                                                         uninterrupted):
   workdir = str(tmp_path / 'run')
   shutil.copytree(uninterrupted[0], workdir)
   write_lock(workdir)  # this process, alive: as a trainer would hold it
   before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
   lines = []
-  record = loop.train_and_evaluate(CONFIG, task, workdir, eval_only=True, log=lines.append)
+  # Other epochs asked for: an evaluation records nothing, so run.json keeps its own.
+  record = loop.train_and_evaluate(CONFIG.replace(epochs=7), task, workdir, eval_only=True,
+                                   log=lines.append)
   assert lines[0] == (f'A training process (pid {os.getpid()} on {socket.gethostname()}, since '
                       f'then) is writing {workdir}; evaluating its newest checkpoint.')
   assert record['epoch'] == 3 and lines[-1].endswith('after epoch 3.')

@@ -224,3 +224,47 @@ def test_hessian_vector_product_through_the_matmul_convolution():
     scale = float(jnp.max(jnp.abs(b)))  # about 1e-5 at this initialisation
     assert scale > 0
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize('routing', ['em', 'self_attention', 'inverted_attention'])
+def test_each_routing_gives_the_scores_its_paper_defines_and_trains(routing):
+  from capsjax.nn.layers import safe_norm
+  from capsjax.tasks import classification_losses
+  from capsjax.training import create_train_state, train_step
+  model = capsjax.CapsNet(conv_features=16, primary_types=4, primary_dim=4, digit_dim=8,
+                          conv_impl='xla', routing=routing)
+  images = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+  params = capsjax.init_params(model, jax.random.PRNGKey(0), (28, 28, 1))
+  out, state = model.apply({'params': params}, images, capture_intermediates=True,
+                           mutable=['intermediates'])
+  u = state['intermediates']['primary_caps']['__call__'][0]
+  caps = params['digit_caps']
+  u_hat = jnp.einsum('bik,ijdk->bijd', u, caps['weights'])
+  if routing == 'em':  # the parent activations a_j, from the children's lengths
+    _, expected, _ = jax.vmap(lambda p, a: capsjax.em_routing(
+        p, a, caps['beta_u'], caps['beta_a'], 3))(u_hat, safe_norm(u))
+  elif routing == 'self_attention':  # the squashed outputs' lengths
+    expected = safe_norm(jax.vmap(lambda p: capsjax.self_attention_routing(
+        p, caps['log_priors']))(u_hat)[0])
+  else:  # Tsai et al.'s linear read-out of the poses
+    poses = jax.vmap(lambda p: capsjax.inverted_dot_product_attention_routing(
+        p, 3, scale=caps['norm_scale'], bias=caps['norm_bias']))(u_hat)[0]
+    expected = jax.nn.sigmoid(jnp.einsum('bjd,jd->bj', poses, caps['readout'])
+                              + caps['readout_bias'])
+  np.testing.assert_allclose(out.lengths, expected, rtol=1e-4, atol=1e-6)
+  assert np.all((out.lengths >= 0) & (out.lengths < 1))
+  (couplings,) = state['intermediates']['digit_caps']['couplings']
+  np.testing.assert_allclose(couplings.sum(-1), 1.0, rtol=1e-5)
+
+  config = TrainConfig.create(routing=routing, conv_features=16, primary_types=4, primary_dim=4,
+                              digit_dim=8, conv_impl='xla', shift_pixels=0, learning_rate=3e-3)
+  state = create_train_state(jax.random.PRNGKey(0), config, classification_losses)
+  labels = jnp.arange(16) % 10
+  batch = {'image': jax.random.uniform(jax.random.PRNGKey(2), (16, 28, 28, 1)) * 0.2
+           + jax.nn.one_hot(labels, 28)[:, :, None, None] * 0.8, 'label': labels}
+  step = jax.jit(train_step)
+  losses = []
+  for _ in range(10):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses

@@ -52,8 +52,16 @@ def _build_capsnet(config):
   return CapsNet(num_classes=config.num_classes, conv_features=config.conv_features,
                  primary_types=config.primary_types, primary_dim=config.primary_dim,
                  digit_dim=config.digit_dim, routing_iters=config.routing_iters,
+                 routing=config.routing,
                  use_decoder=config.recon_weight > 0, conv_impl=config.conv_impl,
                  dtype=config.compute_dtype)
+
+
+def _describe_capsnet(config):
+  if config.routing == 'self_attention':
+    return 'CapsNet, self-attention routing'
+  routing = '' if config.routing == 'dynamic' else f'{config.routing.replace("_", "-")} '
+  return f'CapsNet, {config.routing_iters} {routing}routing iterations'
 
 
 def _forward_capsnet(apply_fn, params, images, decode=None, train=False, rng=None):
@@ -78,7 +86,7 @@ def _forward_baseline(apply_fn, params, images, decode=None, train=False, rng=No
 
 REGISTRY = {
     'capsnet': Architecture(_build_capsnet, _forward_capsnet, scores='lengths', decodes=True,
-                            describe=lambda c: f'CapsNet, {c.routing_iters} routing iterations'),
+                            describe=_describe_capsnet),
     'baseline': Architecture(_build_baseline, _forward_baseline, scores='logits', decodes=False,
                              describe=lambda c: 'baseline CNN'),
 }

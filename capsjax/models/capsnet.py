@@ -34,7 +34,7 @@ class CapsNetOutput(NamedTuple):
 
 
 class CapsNet(nn.Module):
-  """CapsNet with dynamic routing; the defaults are the paper's MNIST model.
+  """CapsNet; the defaults are the paper's MNIST model (dynamic routing).
 
   The input size and channels are taken from the images at `init`.
 
@@ -45,6 +45,8 @@ class CapsNet(nn.Module):
       (32 maps of 8-D capsules, 9x9 convolution, stride 2).
     digit_dim: dimension of the class capsules (16).
     routing_iters: routing iterations between PrimaryCaps and DigitCaps (3).
+    routing: how PrimaryCaps are routed to DigitCaps, one of
+      `capsjax.nn.layers.ROUTINGS` ('dynamic': the paper's); see `RoutedCapsules`.
     stop_inner_gradient: see `capsjax.dynamic_routing` (False: the paper's).
     use_decoder: build the reconstruction decoder.
     decoder_hidden: its hidden layer widths (512, 1024).
@@ -63,6 +65,7 @@ class CapsNet(nn.Module):
   digit_dim: int = 16
   routing_iters: int = 3
   stop_inner_gradient: bool = False
+  routing: str = 'dynamic'
   use_decoder: bool = True
   decoder_hidden: Sequence[int] = (512, 1024)
   conv_impl: str = 'auto'
@@ -101,7 +104,8 @@ class CapsNet(nn.Module):
                         self.primary_strides, self.conv_impl, self.dtype,
                         name='primary_caps')(x)
     v = RoutedCapsules(self.num_classes, self.digit_dim, self.routing_iters,
-                       self.stop_inner_gradient, dtype=self.dtype, name='digit_caps')(u)
+                       self.stop_inner_gradient, dtype=self.dtype, routing=self.routing,
+                       name='digit_caps')(u)
     lengths = safe_norm(v.astype(jnp.float32))
     reconstructions = None
     if self.use_decoder:

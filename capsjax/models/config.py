@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from capsjax import settings
 from capsjax.nn.conv import CONV_IMPLS
+from capsjax.nn.layers import ROUTINGS
 from capsjax.settings import setting
 
 ARCHITECTURES = ('capsnet', 'baseline')
@@ -17,7 +18,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 class ModelConfig:
   """A model, by architecture name and sizes; the defaults are the paper's MNIST CapsNet.
 
-  'capsnet' reads routing_iters, recon_weight and the capsule sizes; 'baseline'
+  'capsnet' reads routing, routing_iters, recon_weight and the capsule sizes; 'baseline'
   (the paper's CNN, `capsjax.BaselineCNN`) reads dropout_rate,
   baseline_conv3_features and baseline_pool. image_shape and num_classes come
   from the data, not from flags.
@@ -25,6 +26,9 @@ class ModelConfig:
   name: str = setting('capsnet', "capsnet (the paper's CapsNet) or baseline (the paper's CNN).",
                       choices=ARCHITECTURES, flag='model')
   routing_iters: int = setting(3, 'Routing iterations.', lower=1)
+  routing: str = setting('dynamic', "CapsNet's routing: dynamic (the paper's), em (Hinton et al. "
+                         '2018), self_attention (Mazzia et al. 2021) or inverted_attention (Tsai '
+                         'et al. 2020).', choices=ROUTINGS)
   recon_weight: float = setting(0.0005, 'Weight of the reconstruction loss; 0 drops the decoder.',
                                 lower=0)
   conv_features: int = setting(256, 'Conv1 channels.', lower=1)

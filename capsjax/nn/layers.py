@@ -5,12 +5,18 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 from capsjax.errors import InputError
 from capsjax.nn.conv import conv2d
-from capsjax.nn.ops import squash
-from capsjax.nn.routing import batched_dynamic_routing
+from capsjax.nn.ops import safe_norm, squash
+from capsjax.nn.routing import (
+    batched_dynamic_routing,
+    em_routing,
+    inverted_dot_product_attention_routing,
+    self_attention_routing,
+)
 
 Dtype = Any
 
@@ -103,18 +109,34 @@ class PrimaryCapsules(nn.Module):
     return squash(y.reshape(y.shape[0], -1, self.capsule_dim))
 
 
-class RoutedCapsules(nn.Module):
-  """Capsule layer with a learned W_ij per (input, output) pair and dynamic routing.
+ROUTINGS = ('dynamic', 'em', 'self_attention', 'inverted_attention')
 
-  The couplings of the last routing iteration are sown into the 'intermediates'
+
+class RoutedCapsules(nn.Module):
+  """Capsule layer with a learned W_ij per (input, output) pair and a routing.
+
+  Whatever the routing, each returned capsule's length is its score in [0, 1)
+  (what the margin loss reads) and its direction its pose:
+    dynamic: v_j, the paper's squashed outputs (Sabour et al. 2017);
+    em: a_j mu_j / |mu_j|, the parent's activation along its pose (Hinton et
+      al. 2018); the children's activations are their lengths |u_i|, and
+      beta_u, beta_a are learned per parent;
+    self_attention: the Efficient-CapsNet-squashed outputs, with learned log
+      priors [num_in, num_capsules] (Mazzia et al. 2021; one pass, routing_iters
+      is not used);
+    inverted_attention: sigmoid(w_j . p_j + b_j) p_j / |p_j| for the layer-normalised
+      poses p_j, with the learned per-class linear read-out w_j, b_j of Tsai et al.
+      2020's classifier and a learned layer-norm gain and offset.
+  The assignment of the last iteration is sown into the 'intermediates'
   collection as 'couplings' [batch, num_in, num_capsules].
 
   Attributes:
     num_capsules: parent capsules (one per class, 10).
     capsule_dim: their dimension (16).
     routing_iters: routing iterations r (3).
-    stop_inner_gradient: see `capsjax.dynamic_routing`.
+    stop_inner_gradient: see `capsjax.dynamic_routing` (dynamic routing only).
     weight_stddev: standard deviation of the normal init of W.
+    routing: one of `ROUTINGS`.
   """
   num_capsules: int = 10
   capsule_dim: int = 16
@@ -123,6 +145,7 @@ class RoutedCapsules(nn.Module):
   weight_stddev: float = 0.01
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  routing: str = 'dynamic'
 
   @nn.compact
   def __call__(self, u: jax.Array) -> jax.Array:
@@ -132,10 +155,47 @@ class RoutedCapsules(nn.Module):
         'weights', nn.initializers.normal(self.weight_stddev),
         (num_in, self.num_capsules, self.capsule_dim, dim_in), self.param_dtype)
     u_hat = jnp.einsum('bik,ijdk->bijd', u.astype(self.dtype), weights.astype(self.dtype))
-    v, couplings = batched_dynamic_routing(
-        u_hat, self.routing_iters, stop_inner_gradient=self.stop_inner_gradient)
+    v, couplings = self._route(u, u_hat)
     self.sow('intermediates', 'couplings', couplings)
     return v
+
+  def _route(self, u, u_hat):
+    num_in, num_out, dim = u_hat.shape[1:]
+    zeros, ones = nn.initializers.zeros, nn.initializers.ones
+    if self.routing == 'dynamic':
+      return batched_dynamic_routing(u_hat, self.routing_iters,
+                                     stop_inner_gradient=self.stop_inner_gradient)
+    if self.routing == 'em':
+      beta_u = self.param('beta_u', zeros, (num_out,), self.param_dtype)
+      beta_a = self.param('beta_a', zeros, (num_out,), self.param_dtype)
+      lengths = safe_norm(u.astype(jnp.float32))
+      poses, activations, assignment = jax.vmap(
+          lambda votes, a: em_routing(votes, a, beta_u, beta_a, self.routing_iters))(u_hat, lengths)
+      return _with_length(poses, activations), assignment
+    if self.routing == 'self_attention':
+      log_priors = self.param('log_priors', zeros, (num_in, num_out), self.param_dtype)
+      return jax.vmap(lambda p: self_attention_routing(p, log_priors))(u_hat)
+    if self.routing == 'inverted_attention':
+      scale = self.param('norm_scale', ones, (dim,), self.param_dtype)
+      bias = self.param('norm_bias', zeros, (dim,), self.param_dtype)
+      poses, assignment = jax.vmap(lambda p: inverted_dot_product_attention_routing(
+          p, self.routing_iters, scale=scale, bias=bias))(u_hat)
+      readout = self.param('readout', nn.initializers.normal(0.1), (num_out, dim),
+                           self.param_dtype)
+      readout_bias = self.param('readout_bias', zeros, (num_out,), self.param_dtype)
+      scores = jax.nn.sigmoid(jnp.einsum('bjd,jd->bj', poses.astype(jnp.float32), readout)
+                              + readout_bias)
+      return _with_length(poses, scores), assignment
+    raise InputError(f'routing={self.routing!r}: choose one of {", ".join(ROUTINGS)}.')
+
+
+def _with_length(poses: jax.Array, lengths: jax.Array) -> jax.Array:
+  """The poses [..., J, D] rescaled to the given lengths [..., J], in the poses' dtype."""
+  poses32 = poses.astype(jnp.float32)
+  # Not safe_norm: its epsilon would shorten the small poses of an untrained layer by
+  # percents. This one only keeps an all-zero pose finite.
+  inverse_norm = lax.rsqrt(jnp.sum(jnp.square(poses32), axis=-1) + 1e-30)
+  return (poses32 * (lengths * inverse_norm)[..., None]).astype(poses.dtype)
 
 
 def decoder_mask(lengths: jax.Array, labels: Optional[jax.Array] = None) -> jax.Array:

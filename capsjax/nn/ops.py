@@ -48,3 +48,24 @@ def squash(s: jax.Array, axis: int = -1) -> jax.Array:
   squared_norm = jnp.sum(jnp.square(s_acc), axis=axis, keepdims=True)
   scale = squared_norm / (1.0 + squared_norm) / jnp.sqrt(squared_norm + NORM_EPSILON)
   return (scale * s_acc).astype(s.dtype)
+
+
+def efficient_squash(s: jax.Array, axis: int = -1) -> jax.Array:
+  """Efficient-CapsNet's squash: (1 - 1 / exp(|s|)) * s / |s|, along `axis`.
+
+  Mazzia, Salvetti, Chiaberge 2021, "Efficient-CapsNet: capsule network with
+  self-attention routing", eq. (2): unlike `squash`, short vectors keep a
+  gradient of length about 1 near 0.
+
+  Args:
+    s: array of any shape, any float dtype.
+    axis: the capsule (vector) axis.
+
+  Returns:
+    An array of s's shape and dtype whose vectors along `axis` have length in [0, 1)
+    (exactly 1 in float32 once |s| > 17).
+  """
+  acc = _accumulation_dtype(s.dtype)
+  s_acc = s.astype(acc)
+  norm = jnp.sqrt(jnp.sum(jnp.square(s_acc), axis=axis, keepdims=True) + NORM_EPSILON)
+  return ((1.0 - jnp.exp(-norm)) / norm * s_acc).astype(s.dtype)

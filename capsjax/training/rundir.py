@@ -86,6 +86,10 @@ def check_resumable(saved: dict, current: dict, workdir: str, resumable=('epochs
     resumable: names that may differ (`TrainConfig.resumable_settings`): they
       change how long a run goes on, not what each of its epochs computes.
   """
+  # A setting added after the run was saved is absent from its run.json: the run had
+  # the setting's default.
+  defaults = json.loads(json.dumps(TrainConfig().flat()))
+  saved = {**{name: value for name, value in defaults.items() if name in current}, **saved}
   names = sorted(set(saved) | set(current))
   differences = [f'  {name}: saved {saved.get(name)!r}, now {current.get(name)!r}'
                  for name in names
