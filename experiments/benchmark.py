@@ -42,8 +42,14 @@ import numpy as np
 
 from capsjax import files, models
 from capsjax.nn import conv
+from capsjax.nn.layers import ROUTINGS
 from capsjax.nn.ops import squash
-from capsjax.nn.routing import batched_dynamic_routing
+from capsjax.nn.routing import (
+  batched_dynamic_routing,
+  em_routing,
+  inverted_dot_product_attention_routing,
+  self_attention_routing,
+)
 from capsjax.tasks import classification_losses
 from capsjax.training import RECIPES, TrainConfig, create_train_state, train_step
 from experiments import runtime
@@ -52,6 +58,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['capsnet'], "capsnet and/or baseline (the paper's CNN).")
 flags.DEFINE_list('batch_sizes', ['16', '64', '128'], 'Global batch sizes.')
 flags.DEFINE_list('routing_iters', ['1', '3'], 'Routing iterations (CapsNet rows).')
+flags.DEFINE_list('routings', ['dynamic'],
+                  f'CapsNet routings ({", ".join(ROUTINGS)}); with more than one, a table times '
+                  'each routing alone too.')
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes.')
 flags.DEFINE_list('conv_impls', ['auto'],
                   'Convolutions to compare: auto (by platform), matmul (im2col), xla (lax.conv).')
@@ -74,8 +83,8 @@ flags.DEFINE_string('json', 'bench/benchmark.json', 'Where to write the results.
 MATMUL_SIZE = 2048
 MATMUL_CHAIN = 8
 WARMUP_CALLS = 2
-TARGET_ROW = dict(recipe='paper', image_size=28, mode='train', dtype='float32', conv='matmul',
-                  routing_iters=3, batch=64)
+TARGET_ROW = dict(routing='dynamic', recipe='paper', image_size=28, mode='train',
+                  dtype='float32', conv='matmul', routing_iters=3, batch=64)
 CPU_TARGET_FRACTION = 0.45
 
 
@@ -239,9 +248,10 @@ def random_batch(batch_size: int, config: TrainConfig, seed: int = 0) -> Dict[st
 
 
 def time_model(model: str, mode: str, dtype: str, routing_iters: Optional[int], batch_size: int,
-               repeats: int, conv_impl: str = 'auto', recipe: str = 'paper') -> dict:
+               repeats: int, conv_impl: str = 'auto', recipe: str = 'paper',
+               routing: str = 'dynamic') -> dict:
   """One row of the model table: times, rates and memory of a step."""
-  config = TrainConfig.create(**{**RECIPES[recipe], 'model': model,
+  config = TrainConfig.create(**{**RECIPES[recipe], 'model': model, 'routing': routing,
                                 'routing_iters': routing_iters, 'batch_size': batch_size,
                                 'dtype': dtype, 'conv_impl': conv_impl,
                                 'image_shape': (FLAGS.image_size, FLAGS.image_size, 1),
@@ -266,13 +276,18 @@ def time_model(model: str, mode: str, dtype: str, routing_iters: Optional[int], 
   seconds, matmul_seconds = interleaved_median_seconds(
       [(step, (batch,)), (matmul, matmul_args)], repeats)
   capsnet = model == 'capsnet'
-  flops = flops_per_image(config)['train' if mode == 'train' else 'forward'] * batch_size
-  gflops, matmul_gflops = flops / seconds / 1e9, matmul_flops / matmul_seconds / 1e9
+  matmul_gflops = matmul_flops / matmul_seconds / 1e9
+  # The FLOP count follows dynamic routing; the other routings' rows give times only.
+  gflops = None
+  if not capsnet or routing == 'dynamic':
+    flops = flops_per_image(config)['train' if mode == 'train' else 'forward'] * batch_size
+    gflops = flops / seconds / 1e9
   return dict(model=model, recipe=recipe, image_size=FLAGS.image_size, mode=mode, dtype=dtype,
-              conv=conv.resolve_impl(conv_impl),
+              conv=conv.resolve_impl(conv_impl), routing=routing if capsnet else None,
               routing_iters=routing_iters if capsnet else None, batch=batch_size,
               ms=1e3 * seconds, images_per_sec=batch_size / seconds, gflops=gflops,
-              matmul_gflops=matmul_gflops, matmul_fraction=gflops / matmul_gflops,
+              matmul_gflops=matmul_gflops,
+              matmul_fraction=None if gflops is None else gflops / matmul_gflops,
               peak_mb=peak_megabytes(compiled),
               prediction_buffers=(prediction_buffers(compiled, batch_size, config) if capsnet
                                   else None))
@@ -307,6 +322,29 @@ def time_routing(num_iters: int, batch_size: int, repeats: int) -> Dict[str, flo
   return row
 
 
+def time_each_routing(routings: Sequence[str], num_iters: int, batch_size: int,
+                      repeats: int) -> List[dict]:
+  """Each routing alone, forward and backward, on the paper's u_hat [batch, 1152, 10, 16]."""
+  u_hat = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (batch_size, 1152, 10, 16))
+  activations = jax.random.uniform(jax.random.PRNGKey(1), (batch_size, 1152))
+  candidates = {
+      'dynamic': lambda u: batched_dynamic_routing(u, num_iters)[0],
+      'em': jax.vmap(lambda u, a: em_routing(u, a, 0.0, 0.0, num_iters)[0]),
+      'self_attention': jax.vmap(lambda u: self_attention_routing(u)[0]),
+      'inverted_attention': jax.vmap(
+          lambda u: inverted_dot_product_attention_routing(u, num_iters)[0]),
+  }
+  calls = []
+  for name in routings:
+    route = candidates[name]
+    arguments = (u_hat, activations) if name == 'em' else (u_hat,)
+    loss = lambda *args, route=route: jnp.sum(jnp.square(route(*args)))
+    calls.append((jax.jit(jax.grad(loss)), arguments))
+  seconds = interleaved_median_seconds(calls, repeats)
+  return [dict(routing=name, routing_iters=None if name == 'self_attention' else num_iters,
+               batch=batch_size, ms=1e3 * s) for name, s in zip(routings, seconds)]
+
+
 def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, str, str]]) -> None:
   """Rows of dicts as an aligned text table; columns are (key, header, format)."""
   cells = [[header for _, header, _ in columns]]
@@ -318,7 +356,8 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, 
 
 
 MODEL_COLUMNS = [
-    ('model', 'model', '{}'), ('recipe', 'recipe', '{}'), ('mode', 'mode', '{}'),
+    ('model', 'model', '{}'), ('routing', 'routing', '{}'), ('recipe', 'recipe', '{}'),
+    ('mode', 'mode', '{}'),
     ('dtype', 'dtype', '{}'), ('conv', 'conv', '{}'),
     ('routing_iters', 'iters', '{}'),
     ('batch', 'batch', '{}'), ('ms', 'ms/step', '{:.1f}'), ('images_per_sec', 'images/s', '{:.1f}'),
@@ -330,6 +369,9 @@ ROUTING_COLUMNS = [
     ('capsjax_ms', 'fori_loop ms', '{:.1f}'),
     ('python_unrolled_ms', 'Python-unrolled ms', '{:.1f}'),
     ('speedup', 'speed-up', '{:.2f}x')]
+EACH_ROUTING_COLUMNS = [
+    ('routing', 'routing', '{}'), ('routing_iters', 'iters', '{}'), ('batch', 'batch', '{}'),
+    ('ms', 'forward + backward ms', '{:.1f}')]
 
 
 def integers(values: Sequence[str], flag: str) -> List[int]:
@@ -359,6 +401,9 @@ def main(argv: Sequence[str]) -> None:
   for model in FLAGS.models:
     if model not in models.ARCHITECTURES:
       raise app.UsageError(f'--models: {model!r} is not one of {models.ARCHITECTURES}')
+  for routing in FLAGS.routings:
+    if routing not in ROUTINGS:
+      raise app.UsageError(f'--routings: {routing!r} is not one of {ROUTINGS}')
   for recipe in FLAGS.recipes:
     if recipe not in RECIPES:
       raise app.UsageError(f'--recipes: {recipe!r} is not one of {sorted(RECIPES)}')
@@ -377,12 +422,15 @@ def main(argv: Sequence[str]) -> None:
     for mode in FLAGS.modes:
       # A recipe changes the training step only.
       recipes = FLAGS.recipes if mode == 'train' else ['paper']
-      for dtype, impl, recipe in itertools.product(FLAGS.dtypes, FLAGS.conv_impls, recipes):
-        for iters in routing_iters if model == 'capsnet' else [None]:
+      capsnet = model == 'capsnet'
+      for dtype, impl, recipe, routing in itertools.product(
+          FLAGS.dtypes, FLAGS.conv_impls, recipes, FLAGS.routings if capsnet else ['dynamic']):
+        for iters in routing_iters if capsnet else [None]:
           for batch_size in batch_sizes:
-            row = time_model(model, mode, dtype, iters, batch_size, FLAGS.repeats, impl, recipe)
+            row = time_model(model, mode, dtype, iters, batch_size, FLAGS.repeats, impl, recipe,
+                             routing)
             print(f'  {model} ({recipe} recipe) {mode} {dtype} {row["conv"]} conv' +
-                  (f' {iters} iterations' if iters else '') +
+                  (f' {routing} routing, {iters} iterations' if iters else '') +
                   f', batch {batch_size}: {row["images_per_sec"]:.1f} images/s', flush=True)
             rows.append(row)
   print()
@@ -397,6 +445,13 @@ def main(argv: Sequence[str]) -> None:
     slowest = min(row['speedup'] for row in routing_rows)
     print(f'Routing target, fori_loop at least as fast as the Python loop: {slowest:.2f}x at '
           f'worst: {"met" if slowest >= 1 else "NOT met"}')
+  each_routing_rows = []
+  if FLAGS.routing_batch and len(FLAGS.routings) > 1:
+    print(f'\nEach routing alone, forward + backward, u_hat [{FLAGS.routing_batch}, 1152, 10, 16] '
+          f'float32:')
+    each_routing_rows = [row for iters in routing_iters for row in time_each_routing(
+        FLAGS.routings, iters, FLAGS.routing_batch, FLAGS.repeats)]
+    print_table(each_routing_rows, EACH_ROUTING_COLUMNS)
 
   target = [r for r in rows if r['model'] == 'capsnet' and
             all(r[k] == v for k, v in TARGET_ROW.items())]
@@ -411,7 +466,7 @@ def main(argv: Sequence[str]) -> None:
                 num_devices=jax.local_device_count(), jax=jax.__version__,
                 malloc=os.environ.get(runtime.TUNABLES_ENV, ''),
                 command=' '.join(sys.orig_argv), flops_per_image=flops,
-                model=rows, routing=routing_rows)
+                model=rows, routing=routing_rows, each_routing=each_routing_rows)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
   files.write_json(FLAGS.json, result)
   print(f'\nWrote {FLAGS.json}')
