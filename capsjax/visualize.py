@@ -1,14 +1,14 @@
 """Pictures of what the model does: reconstructions, capsule dimensions, routing maps, curves."""
 
 import itertools
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from capsjax.files import atomic_path
 
-if TYPE_CHECKING:  # matplotlib is imported only where a figure is drawn (curves_figure)
+if TYPE_CHECKING:  # matplotlib is imported only where a figure is drawn (*_figure)
   from matplotlib.figure import Figure
 
 # White pixels between tiles, so neighbouring black digit backgrounds stay apart.
@@ -336,8 +336,97 @@ def curves_figure(records: Sequence[dict], title: Optional[str] = None) -> 'Figu
   return figure
 
 
-def training_curves(records: Sequence[dict], path: str, title: Optional[str] = None) -> None:
-  """Write `curves_figure(records, title)` to the PNG `path`, whole or not at all."""
-  figure = curves_figure(records, title)
+def _save_figure(figure: 'Figure', path: str) -> None:
+  """Draw a Figure with an Agg canvas and write it to the PNG `path`, whole or not at all."""
   figure.canvas.draw()
   _save(Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert('RGB'), path)
+
+
+def training_curves(records: Sequence[dict], path: str, title: Optional[str] = None) -> None:
+  """Write `curves_figure(records, title)` to the PNG `path`, whole or not at all."""
+  _save_figure(curves_figure(records, title), path)
+
+
+def routing_iterations_figure(records: Mapping[int, Sequence[dict]],
+                              logit_changes: Mapping[int, Optional[Sequence[float]]],
+                              title: Optional[str] = None) -> 'Figure':
+  """The routing-iterations study (the paper's appendix) as a Figure of two panels.
+
+  (a) Training (dashed) and test (solid) error per epoch of each run, one
+  colour per number of routing iterations r, on a log scale. (b) In the same
+  colours, the mean absolute change of the routing logits |b_ij(t) - b_ij(t-1)|
+  at each routing iteration t = 1 .. r - 1 of each run, on a log scale (see
+  `capsjax.analysis.interpret.routing_logit_changes`). A run with r = 1 updates
+  no logit, and a run whose changes were not measured (None: routings other than
+  dynamic) has none to draw; panel (b)'s legend says so in its colour.
+
+  Args:
+    records: r -> that run's metrics dicts, one per epoch, each with 'epoch',
+      'train_accuracy' and 'test_accuracy' (in [0, 1]), as metrics.jsonl holds them.
+    logit_changes: r -> floats [r - 1], the mean |b_ij(t) - b_ij(t-1)| for
+      t = 1 .. r - 1, or None where not measured.
+    title: optional line above the panels.
+
+  Returns:
+    A `matplotlib.figure.Figure` with an Agg canvas.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  from matplotlib.lines import Line2D
+  from matplotlib.ticker import MaxNLocator
+
+  figure = Figure(figsize=(11, 4.2), dpi=90, layout='constrained')
+  FigureCanvasAgg(figure)
+  errors, changes = figure.subplots(1, 2)
+  colours = {r: f'C{n % 10}' for n, r in enumerate(sorted(records))}
+  for r, colour in colours.items():
+    for split, style in (('train', '--'), ('test', '-')):
+      points = [(rec['epoch'], _error_percent(rec[f'{split}_accuracy']))
+                for rec in records[r] if f'{split}_accuracy' in rec]
+      if points:
+        errors.plot(*zip(*points), style, marker='o', markersize=3, color=colour,
+                    label=f'r = {r}' if split == 'test' else None)
+  if errors.lines:
+    errors.set_yscale('log')
+    handles, labels = errors.get_legend_handles_labels()
+    handles += [Line2D([], [], color='black', linestyle='-'),
+                Line2D([], [], color='black', linestyle='--')]
+    errors.legend(handles, [*labels, 'test', 'train'], fontsize=8)
+  errors.set(title='(a) Error per epoch', xlabel='epoch', ylabel='error (%)')
+  errors.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+  epochs = [rec['epoch'] for run in records.values() for rec in run]
+  if epochs:  # half an epoch of margin, so one epoch still gets an integer tick
+    errors.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+  drawn = 0
+  for r, colour in colours.items():
+    values = logit_changes.get(r)
+    if values is None or len(values) == 0:  # a legend entry in the run's colour, saying why
+      why = 'not measured (dynamic routing only)' if values is None else 'no logit update'
+      changes.plot([], [], marker='o', markersize=4, color=colour, linestyle='none',
+                   label=f'r = {r}: {why}')
+    else:
+      changes.plot(range(1, len(values) + 1), values, marker='o', markersize=4, color=colour,
+                   label=f'r = {r}')
+      drawn = max(drawn, len(values))
+  if drawn:
+    changes.set_yscale('log')
+    changes.set_xlim(0.5, drawn + 0.5)
+    changes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+  else:  # no axis to read
+    changes.set(xticks=[], yticks=[])
+  if changes.lines:
+    changes.legend(fontsize=8)
+  changes.set(title='(b) Mean change of the routing logits per iteration',
+              xlabel='routing iteration t', ylabel='mean |b_ij(t) - b_ij(t-1)|')
+  for axes in (errors, changes):
+    axes.grid(True, which='both', alpha=0.3)
+  if title:
+    figure.suptitle(title, fontsize=10)
+  return figure
+
+
+def routing_iterations_plot(records: Mapping[int, Sequence[dict]],
+                            logit_changes: Mapping[int, Optional[Sequence[float]]], path: str,
+                            title: Optional[str] = None) -> None:
+  """Write `routing_iterations_figure(records, logit_changes, title)` to the PNG `path`."""
+  _save_figure(routing_iterations_figure(records, logit_changes, title), path)

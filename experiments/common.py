@@ -9,16 +9,18 @@ import os
 import shlex
 import shutil
 import sys
+from typing import Optional
 
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import data, settings, visualize
+from capsjax import data, models, settings, visualize
 from capsjax.analysis import evaluate
 from capsjax.errors import InputError
 from capsjax.training import RECIPES, TrainConfig, distributed, evaluation_params, stopping
+from capsjax.training.rundir import METRICS_FILE, read_metrics
 from experiments import runtime
 
 FLAGS = flags.FLAGS
@@ -158,6 +160,20 @@ def reconstruction_pictures(images, labels, path):
                                   predictions, path)
 
   return draw
+
+
+def count_parameters(config: TrainConfig) -> int:
+  """Parameters of the model `config` builds, from shapes alone (nothing is allocated)."""
+  model = models.build(config.model)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, *config.model.image_shape), jnp.float32))
+  return models.parameter_counts(shapes['params'])['total']
+
+
+def finished_record(workdir: str, epochs: int) -> Optional[dict]:
+  """The last metrics record of a run in `workdir` that has trained all `epochs`, else None."""
+  records = read_metrics(os.path.join(workdir, METRICS_FILE), log=say)
+  return records[-1] if records and records[-1]['epoch'] >= epochs else None
 
 
 def load_data() -> data.Dataset:

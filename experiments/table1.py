@@ -15,14 +15,13 @@ to every row, and the header says what the rows ran with.
 import dataclasses
 import datetime
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from capsjax import files, models
+from capsjax import files
 from capsjax.data import Dataset
 from capsjax.errors import InputError
 from capsjax.training import TrainConfig, train_and_evaluate
@@ -62,27 +61,13 @@ def describe(row: Row) -> Tuple[str, str, str]:
           'yes' if row.settings['recon_weight'] > 0 else 'no')
 
 
-def count_parameters(config: TrainConfig) -> int:
-  """Parameters of the model `config` builds, from shapes alone (nothing is allocated)."""
-  model = models.build(config.model)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, *config.model.image_shape), jnp.float32))
-  return models.parameter_counts(shapes['params'])['total']
-
-
-def finished_record(workdir: str, epochs: int) -> Optional[dict]:
-  """The last metrics record of a run that has trained all `epochs`, else None."""
-  records = read_metrics(os.path.join(workdir, METRICS_FILE), log=common.say)
-  return records[-1] if records and records[-1]['epoch'] >= epochs else None
-
-
 def run_row(row: Row, dataset: Dataset) -> dict:
   """Train (or read back) every seed of a row; returns its summary dict."""
   runs = []
   for seed in range(FLAGS.seeds):
     config = common.config_from_flags(dataset, seed=seed, **row.settings)
     workdir = os.path.join(FLAGS.workdir, row.name, f'seed{seed}')
-    record = finished_record(workdir, config.epochs)
+    record = common.finished_record(workdir, config.epochs)
     if record:
       common.say(f'{row.name} seed {seed}: finished before, test error '
                  f'{100 * record["test_error"]:.2f}% ({workdir}).')
@@ -90,13 +75,13 @@ def run_row(row: Row, dataset: Dataset) -> dict:
       common.say(f'== {row.name} seed {seed} ({workdir})')
       train_and_evaluate(config, mnist.mnist_task(config, dataset, workdir), workdir,
                          log=common.say, progress=common.status)
-      record = finished_record(workdir, config.epochs)
+      record = common.finished_record(workdir, config.epochs)
     seconds = sum(r['epoch_seconds'] for r in read_metrics(os.path.join(workdir, METRICS_FILE)))
     runs.append({'seed': seed, 'test_error': record['test_error'], 'seconds': seconds})
   errors = 100 * np.array([r['test_error'] for r in runs])
   model, routing, reconstruction = describe(row)
   return {'row': row.name, 'model': model, 'routing': routing, 'reconstruction': reconstruction,
-          'parameters': count_parameters(config), 'epochs': config.epochs,
+          'parameters': common.count_parameters(config), 'epochs': config.epochs,
           'test_error_percent_mean': float(errors.mean()),
           'test_error_percent_std': float(errors.std(ddof=1)) if len(errors) > 1 else None,
           'paper_error_percent': row.paper_error, 'paper_std': row.paper_std,

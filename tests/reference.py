@@ -208,3 +208,24 @@ def inverted_dot_product_attention_routing(u_hat, num_iters, scale=None, bias=No
       agreement = np.array([np.dot(p[j], votes[i, j]) for j in range(num_out)])
       e = np.exp(agreement - np.max(agreement))
       r[i] = e / np.sum(e)
+
+
+def routing_logits(u_hat, num_iters):
+  """The routing logits of Procedure 1 of the paper for ONE example, after every iteration.
+
+  b_ij(0) = 0; iteration t = 1..num_iters takes c_i = softmax(b_i(t-1)) over parents
+  j, s_j = sum_i c_ij u_hat[j|i], v_j = squash(s_j), and b_ij(t) = b_ij(t-1) + u_hat[j|i] . v_j.
+
+  Returns:
+    float64 [num_iters + 1, I, J]: b(0), b(1), ..., b(num_iters).
+  """
+  u_hat = np.asarray(u_hat, np.float64)
+  num_in, num_out, _ = u_hat.shape
+  logits = [np.zeros((num_in, num_out))]
+  for _ in range(num_iters):
+    b = logits[-1]
+    e = np.exp(b - b.max(axis=1, keepdims=True))
+    c = e / e.sum(axis=1, keepdims=True)
+    v = squash(np.einsum('ij,ijd->jd', c, u_hat))
+    logits.append(b + np.einsum('ijd,jd->ij', u_hat, v))
+  return np.stack(logits)

@@ -1,4 +1,5 @@
-"""What capsules encode: perturbed class capsules (the paper's Figure 4) and routing maps."""
+"""What capsules encode: perturbed class capsules (the paper's Figure 4), routing maps, and
+how much each routing iteration changes the routing logits (the paper's appendix)."""
 
 import functools
 from typing import Any, Callable, Dict, Mapping, Tuple
@@ -11,6 +12,7 @@ import numpy as np
 from capsjax.models.capsnet import CapsNet
 from capsjax.nn.layers import Decoder, PrimaryCapsules
 from capsjax.nn.ops import safe_norm
+from capsjax.nn.routing import _check_num_iters, _logit_update
 
 # Built from integers so each value is the float32 nearest to k * 0.05, and the set
 # is exactly symmetric about the unperturbed 0.
@@ -125,10 +127,7 @@ def analyse(model: CapsNet, params: Mapping[str, Any], images: jax.Array) -> Dic
     iteration sends to each class (summing to 1 over classes; 1 / num_classes
     where routing has not chosen).
   """
-  out, variables = model.apply(
-      {'params': params}, images, mutable=['intermediates'],
-      capture_intermediates=lambda module, _: isinstance(module, PrimaryCapsules))
-  intermediates = variables['intermediates']
+  out, intermediates = _apply_capturing_primary(model, params, images)
   couplings = intermediates['digit_caps']['couplings'][0]
   primary = intermediates['primary_caps']['__call__'][0]  # [N, h * w * types, dim]
   predictions = jnp.argmax(out.lengths, axis=-1)
@@ -142,3 +141,93 @@ def analyse(model: CapsNet, params: Mapping[str, Any], images: jax.Array) -> Dic
   maps = maps / jnp.sum(maps, axis=1, keepdims=True)
   return {'predictions': predictions, 'perturbed': perturbed.astype(jnp.float32),
           'couplings': maps}
+
+
+def _apply_capturing_primary(model: CapsNet, params: Mapping[str, Any], images: jax.Array):
+  """model's output and its 'intermediates': the sown couplings and PrimaryCaps' output u_i."""
+  out, variables = model.apply(
+      {'params': params}, images, mutable=['intermediates'],
+      capture_intermediates=lambda module, _: isinstance(module, PrimaryCapsules))
+  return out, variables['intermediates']
+
+
+def prediction_vectors(model: CapsNet, params: Mapping[str, Any], images: jax.Array) -> jax.Array:
+  """The predictions u_hat[j|i] = W_ij u_i that a CapsNet routes, for a batch of images.
+
+  The primary capsules u_i are captured from the model's own forward pass, and
+  multiplied by DigitCaps' weights W_ij as `capsjax.RoutedCapsules` does (in the
+  model's compute dtype), so routing them gives the model's class capsules.
+
+  Args:
+    model: a `CapsNet` (any routing: they all route the same predictions).
+    params: its parameters.
+    images: float32 [N, H, W, C] in [0, 1].
+
+  Returns:
+    u_hat [N, num_primary, num_classes, digit_dim] in the model's compute dtype.
+  """
+  _, intermediates = _apply_capturing_primary(model, params, images)
+  primary = intermediates['primary_caps']['__call__'][0]  # [N, num_primary, primary_dim]
+  weights = params['digit_caps']['weights']  # [num_primary, num_classes, digit_dim, primary_dim]
+  return jnp.einsum('bik,ijdk->bijd', primary.astype(model.dtype), weights.astype(model.dtype))
+
+
+def routing_logit_changes(u_hat: jax.Array, num_iters: int) -> jax.Array:
+  """How much each iteration of dynamic routing changes the routing logits, for ONE example.
+
+  The paper's appendix figure: in Procedure 1 the logits b_ij start at 0 and
+  iteration t adds the agreement u_hat[j|i] . v_j(t) of the parents' outputs
+  v_j(t) under the couplings softmax(b(t - 1)). Returned is the mean over
+  children i and parents j of |b_ij(t) - b_ij(t - 1)| = |u_hat[j|i] . v_j(t)|
+  for t = 1 .. num_iters - 1: the updates whose couplings the routing goes on to
+  use (the last iteration's outputs are the result; `capsjax.dynamic_routing`
+  makes no update after them). Each iteration is computed by the code
+  `dynamic_routing` runs (`capsjax.nn.routing._logit_update`), in float32 logits.
+  Jit- and vmap-compatible; num_iters is static.
+
+  Args:
+    u_hat: [num_in, num_out, dim] predictions u_hat[j|i], any float dtype.
+    num_iters: Python int >= 1, the routing iterations r.
+
+  Returns:
+    float32 [num_iters - 1]: entry t - 1 is the mean |b_ij(t) - b_ij(t - 1)|
+    (empty for num_iters = 1, which updates no logit).
+
+  Raises:
+    ValueError: num_iters is not an int >= 1, or u_hat is not 3-D.
+  """
+  num_iters = _check_num_iters(num_iters)
+  if u_hat.ndim != 3:
+    raise ValueError(f'u_hat must be [num_in, num_out, dim] for one example, got shape '
+                     f'{u_hat.shape}; vmap over a leading batch axis.')
+  u_parent = jnp.swapaxes(u_hat, 0, 1)  # parent-major, as dynamic_routing routes it
+  logits, changes = None, []
+  for _ in range(num_iters - 1):  # static and small, as dynamic_routing unrolls it
+    update = _logit_update(u_parent, logits)
+    changes.append(jnp.mean(jnp.abs(update)))
+    logits = update if logits is None else logits + update
+  return jnp.stack(changes) if changes else jnp.zeros((0,), jnp.float32)
+
+
+def model_logit_changes(model: CapsNet, params: Mapping[str, Any],
+                        images: jax.Array) -> jax.Array:
+  """`routing_logit_changes` of a dynamic-routing CapsNet's own routing, per image.
+
+  Args:
+    model: a `CapsNet` with routing='dynamic'; its routing_iters is r.
+    params: its parameters.
+    images: float32 [N, H, W, C] in [0, 1].
+
+  Returns:
+    float32 [N, r - 1]: per image, the mean |b_ij(t) - b_ij(t - 1)| of each
+    logit update t = 1 .. r - 1.
+
+  Raises:
+    ValueError: the model routes otherwise than dynamically (its iterations
+      update no logits b_ij).
+  """
+  if model.routing != 'dynamic':
+    raise ValueError(f'the routing logits b_ij are dynamic routing\'s; this model uses '
+                     f'routing={model.routing!r}.')
+  u_hat = prediction_vectors(model, params, images)
+  return jax.vmap(functools.partial(routing_logit_changes, num_iters=model.routing_iters))(u_hat)
