@@ -7,7 +7,6 @@ config and a command line say the same thing.
 
 import os
 import shlex
-import shutil
 import sys
 from typing import Optional
 
@@ -22,6 +21,7 @@ from capsjax.errors import InputError
 from capsjax.training import RECIPES, TrainConfig, distributed, evaluation_params, stopping
 from capsjax.training.rundir import METRICS_FILE, read_metrics
 from experiments import runtime
+from experiments.console import end_status_line, is_writer, say, status  # noqa: F401
 
 FLAGS = flags.FLAGS
 
@@ -75,40 +75,6 @@ flags.DEFINE_integer('num_processes', None, 'Processes in the run (with --coordi
                      lower_bound=1)
 flags.DEFINE_integer('process_id', None, "This process's number, 0 at the coordinator address.",
                      lower_bound=0)
-
-
-def is_writer() -> bool:
-  """Whether this process writes the run's files and lines (the first of a multi-process run)."""
-  return jax.process_index() == 0
-
-
-_status = {'shown': False}
-
-
-def say(message: str) -> None:
-  """Print a line to keep (from the writing process only)."""
-  if is_writer():
-    _end_status_line()
-    print(message, flush=True)
-
-
-def status(message: str) -> None:
-  """Show a progress line: rewritten in place on a terminal, a plain line in a log file."""
-  if not is_writer():
-    return
-  if not sys.stdout.isatty():
-    print(message, flush=True)
-    return
-  width = shutil.get_terminal_size().columns
-  sys.stdout.write('\r' + message.strip()[:width - 1] + '\x1b[K')
-  sys.stdout.flush()
-  _status['shown'] = True
-
-
-def _end_status_line():
-  if _status['shown']:
-    sys.stdout.write('\n')
-    _status['shown'] = False
 
 
 def config_from_flags(dataset: data.Dataset, **overrides) -> TrainConfig:
@@ -210,7 +176,7 @@ def run_main(body):
     except InputError as e:
       sys.exit(f'error: {e}')
     except stopping.Stopped as e:
-      _end_status_line()
+      end_status_line()
       if is_writer():
         module = os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, '.')
         print(f'{e}\n  resume: python -m {module} {shlex.join(sys.argv[1:])}', file=sys.stderr,

@@ -227,7 +227,7 @@ def test_hessian_vector_product_through_the_matmul_convolution():
 
 
 @pytest.mark.parametrize('routing', ['em', 'self_attention', 'inverted_attention'])
-def test_each_routing_gives_the_scores_its_paper_defines_and_trains(routing):
+def test_each_routing_gives_the_scores_its_paper_defines(routing):
   from capsjax.nn.layers import safe_norm
   from capsjax.tasks import classification_losses
   from capsjax.training import create_train_state, train_step
@@ -255,7 +255,9 @@ def test_each_routing_gives_the_scores_its_paper_defines_and_trains(routing):
   assert np.all((out.lengths >= 0) & (out.lengths < 1))
   (couplings,) = state['intermediates']['digit_caps']['couplings']
   np.testing.assert_allclose(couplings.sum(-1), 1.0, rtol=1e-5)
-
+  if routing != 'em':  # the routings' gradients: tests/test_routings.py
+    return
+  # EM routing, the one known for NaNs in training: a few steps on a fixed batch.
   config = TrainConfig.create(routing=routing, conv_features=16, primary_types=4, primary_dim=4,
                               digit_dim=8, conv_impl='xla', shift_pixels=0, learning_rate=3e-3)
   state = create_train_state(jax.random.PRNGKey(0), config, classification_losses)
