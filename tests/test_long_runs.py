@@ -5,6 +5,7 @@ The reference for every resume is the same run trained without a stop: a resumed
 must end with its parameters and metrics.jsonl bit for bit (timings aside).
 """
 
+import errno
 import glob
 import io
 import json
@@ -432,3 +433,15 @@ def test_command_line_stops_resumes_and_ends_as_the_uninterrupted_run(tmp_path, 
   assert not [name for name in os.listdir(os.path.join(workdir, 'checkpoints'))
               if not name.startswith('step_')]
   assert_same_run(workdir, uninterrupted[0])
+
+
+@pytest.mark.parametrize('message', [
+    'OUT_OF_RANGE: Error writing "a/0": Failed to write 9 bytes to file 7: File too large '
+    "[os_error_code='27']",
+    'OUT_OF_RANGE: Error opening "zarr" driver: Failed to write 9 bytes to file 7: File too large '
+    '[tensorstore_spec=\'{"driver":"zarr"}\']',
+    'RESOURCE_EXHAUSTED: Error writing "a/0": [os_error_code=27]',
+])
+def test_the_reason_of_a_failed_write_is_the_systems_words(message):
+  from capsjax.training.checkpoint import _reason
+  assert _reason(ValueError(message)) == os.strerror(errno.EFBIG)

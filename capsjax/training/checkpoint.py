@@ -16,6 +16,7 @@ earlier versions (`checkpoints/<epoch>/`, one per epoch) still restore.
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -110,16 +111,24 @@ def digests(items) -> Dict[str, str]:
   return result
 
 
+# The system errors a failed write of a checkpoint is most likely to meet.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.EIO)
+
+
 def _reason(error: Exception) -> str:
   """An exception as one short line, for the message that names a skipped checkpoint."""
   if isinstance(error, OSError) and error.strerror:
     return error.strerror
   text = ' '.join(str(error).split())
-  # tensorstore ends its messages with the system's words: '...: No space left on device
-  # [os_error_code=28]'.
-  system = re.search(r'([A-Z][a-z][^:\[\]]*) \[os_error_code=', text)
-  if system:
-    return system.group(1).strip()
+  # tensorstore puts the system's words somewhere in a long message, in a form that differs
+  # between its versions ('...: No space left on device [os_error_code=28]'): look for them.
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return os.strerror(int(code.group(1)))
+  for number in _WRITE_ERRNOS:
+    if os.strerror(number) in text:
+      return os.strerror(number)
   return f'{type(error).__name__}: {text[:160]}' if text else type(error).__name__
 
 
