@@ -27,6 +27,7 @@ import datetime
 import itertools
 import math
 import os
+import platform
 import re
 import statistics
 import sys
@@ -188,17 +189,72 @@ def interleaved_median_seconds(calls: Sequence[Tuple[Callable[..., Any], Tuple[A
   return [statistics.median(samples) for samples in times]
 
 
-def matmul_call(dtype: DTypeLike) -> Tuple[Callable[..., jax.Array], Tuple[jax.Array], int]:
-  """(fn, args, flops): MATMUL_CHAIN chained MATMUL_SIZE^2 matrix products in dtype, one call.
+# The reference products each row is timed beside: name -> (operand dtype, result dtype).
+# Mixed precision is held to the bf16 operands' product accumulated in float32, the form
+# the CPU's bf16 dot instructions run at full rate.
+REFERENCE_PRODUCTS = {
+    'float32': (jnp.float32, jnp.float32),
+    'bf16->bf16': (jnp.bfloat16, jnp.bfloat16),
+    'bf16->float32': (jnp.bfloat16, jnp.float32),
+}
+# The reference that a row of each compute dtype is held to.
+ROW_REFERENCE = {'float32': 'float32', 'bfloat16': 'bf16->float32'}
+
+
+def cpu_model(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The CPU's name, family and model, e.g. 'AMD EPYC 9R14 96-Core Processor (family 25, model 17)'.
+
+  Hosts of one cloud instance type differ (Zen 4 and Zen 5 differ 2x in float32
+  matmul rate), so each benchmark records which one it ran on.
+
+  Args:
+    cpuinfo: the kernel's CPU description (Linux); elsewhere `platform.processor()`.
+
+  Returns:
+    str, 'unknown' when neither says.
+  """
+  fields = {}
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        if not line.strip():
+          break  # the first processor's block describes them all
+        key, _, value = line.partition(':')
+        fields[key.strip()] = value.strip()
+  except OSError:
+    return platform.processor() or 'unknown'
+  name = fields.get('model name') or platform.processor() or 'unknown'
+  if 'cpu family' in fields and 'model' in fields:
+    name += f' (family {fields["cpu family"]}, model {fields["model"]})'
+  return name
+
+
+def matmul_call(operand_dtype: DTypeLike, result_dtype: Optional[DTypeLike] = None
+                ) -> Tuple[Callable[..., jax.Array], Tuple[jax.Array], int]:
+  """(fn, args, flops): MATMUL_CHAIN chained MATMUL_SIZE^2 matrix products, one call.
 
   Chained inside one call so that the rate is the arithmetic's, not that of
   allocating a fresh output buffer per product (which, on 4 KiB pages, would
   slow the reference as much as the model and flatter the ratio). Entries of
   variance 1 / MATMUL_SIZE keep the chain's values bounded.
+
+  Args:
+    operand_dtype: dtype of both factors of every product.
+    result_dtype: dtype the products accumulate in and return (XLA's
+      `preferred_element_type`); None for operand_dtype. Each result is rounded
+      back to operand_dtype for the next product.
+
+  Returns:
+    (fn, args, flops): fn(*args) runs the chain; flops is its multiply-adds times 2.
   """
-  a = jax.random.normal(jax.random.PRNGKey(0), (MATMUL_SIZE, MATMUL_SIZE), dtype)
-  a = a / jnp.sqrt(jnp.asarray(MATMUL_SIZE, dtype))
-  chain = jax.jit(lambda a: lax.fori_loop(0, MATMUL_CHAIN, lambda _, x: x @ a, a))
+  result_dtype = operand_dtype if result_dtype is None else result_dtype
+  a = jax.random.normal(jax.random.PRNGKey(0), (MATMUL_SIZE, MATMUL_SIZE), operand_dtype)
+  a = a / jnp.sqrt(jnp.asarray(MATMUL_SIZE, operand_dtype))
+
+  def product(_, x):
+    return lax.dot(x, a, preferred_element_type=result_dtype).astype(operand_dtype)
+
+  chain = jax.jit(lambda a: lax.fori_loop(0, MATMUL_CHAIN, product, a))
   return chain, (a,), 2 * MATMUL_SIZE ** 3 * MATMUL_CHAIN
 
 
@@ -272,11 +328,13 @@ def time_model(model: str, mode: str, dtype: str, routing_iters: Optional[int], 
     compiled = jax.jit(lambda state, images: state.apply_fn(
         {'params': state.params}, images)).lower(state, batch['image']).compile()
     step = lambda batch: compiled(state, batch['image'])
-  matmul, matmul_args, matmul_flops = matmul_call(models.DTYPES[dtype])
-  seconds, matmul_seconds = interleaved_median_seconds(
-      [(step, (batch,)), (matmul, matmul_args)], repeats)
+  references = {name: matmul_call(*dtypes) for name, dtypes in REFERENCE_PRODUCTS.items()}
+  seconds, *reference_seconds = interleaved_median_seconds(
+      [(step, (batch,))] + [(fn, args) for fn, args, _ in references.values()], repeats)
+  reference_gflops = {name: flops / s / 1e9
+                      for (name, (_, _, flops)), s in zip(references.items(), reference_seconds)}
   capsnet = model == 'capsnet'
-  matmul_gflops = matmul_flops / matmul_seconds / 1e9
+  matmul_gflops = reference_gflops[ROW_REFERENCE[dtype]]
   # The FLOP count follows dynamic routing; the other routings' rows give times only.
   gflops = None
   if not capsnet or routing == 'dynamic':
@@ -286,7 +344,8 @@ def time_model(model: str, mode: str, dtype: str, routing_iters: Optional[int], 
               conv=conv.resolve_impl(conv_impl), routing=routing if capsnet else None,
               routing_iters=routing_iters if capsnet else None, batch=batch_size,
               ms=1e3 * seconds, images_per_sec=batch_size / seconds, gflops=gflops,
-              matmul_gflops=matmul_gflops,
+              matmul_gflops=matmul_gflops, reference=ROW_REFERENCE[dtype],
+              reference_gflops=reference_gflops, cpu=cpu_model(),
               matmul_fraction=None if gflops is None else gflops / matmul_gflops,
               peak_mb=peak_megabytes(compiled),
               prediction_buffers=(prediction_buffers(compiled, batch_size, config) if capsnet
@@ -361,8 +420,10 @@ MODEL_COLUMNS = [
     ('dtype', 'dtype', '{}'), ('conv', 'conv', '{}'),
     ('routing_iters', 'iters', '{}'),
     ('batch', 'batch', '{}'), ('ms', 'ms/step', '{:.1f}'), ('images_per_sec', 'images/s', '{:.1f}'),
-    ('gflops', 'GFLOP/s', '{:.1f}'), ('matmul_gflops', 'matmul GFLOP/s', '{:.1f}'),
-    ('matmul_fraction', 'of matmul', '{:.0%}'), ('peak_mb', 'peak MiB', '{:.0f}'),
+    ('gflops', 'GFLOP/s', '{:.1f}'),
+    *[(f'{name} GFLOP/s', f'{name} GFLOP/s', '{:.0f}') for name in REFERENCE_PRODUCTS],
+    ('reference', 'held to', '{}'), ('matmul_fraction', 'of it', '{:.0%}'),
+    ('peak_mb', 'peak MiB', '{:.0f}'),
     ('prediction_buffers', 'u_hat buffers', '{}')]
 ROUTING_COLUMNS = [
     ('routing_iters', 'iters', '{}'), ('batch', 'batch', '{}'),
@@ -415,6 +476,7 @@ def main(argv: Sequence[str]) -> None:
   flops = model_flops(TrainConfig.create(image_shape=(size, size, 1)))
   print(f'{device.device_kind} ({device.platform}, {jax.local_device_count()} device(s)), '
         f'jax {jax.__version__}, {os.environ.get(runtime.TUNABLES_ENV) or "default malloc"}')
+  print(f'CPU: {cpu_model()}')
   print(f'CapsNet FLOPs per {size}x{size} image (3 iterations): forward '
         f'{flops["forward"] / 1e9:.3f} G, training step {flops["train"] / 1e9:.3f} G\n')
   rows = []
@@ -434,7 +496,9 @@ def main(argv: Sequence[str]) -> None:
                   f', batch {batch_size}: {row["images_per_sec"]:.1f} images/s', flush=True)
             rows.append(row)
   print()
-  print_table(rows, MODEL_COLUMNS)
+  print_table([{**row, **{f'{name} GFLOP/s': rate
+                          for name, rate in row['reference_gflops'].items()}} for row in rows],
+              MODEL_COLUMNS)
 
   routing_rows = []
   if FLAGS.routing_batch:
@@ -463,7 +527,7 @@ def main(argv: Sequence[str]) -> None:
 
   result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                 device=device.device_kind, platform=device.platform,
-                num_devices=jax.local_device_count(), jax=jax.__version__,
+                num_devices=jax.local_device_count(), cpu=cpu_model(), jax=jax.__version__,
                 malloc=os.environ.get(runtime.TUNABLES_ENV, ''),
                 command=' '.join(sys.orig_argv), flops_per_image=flops,
                 model=rows, routing=routing_rows, each_routing=each_routing_rows)

@@ -11,7 +11,7 @@ import pytest
 
 from capsjax import models
 from capsjax.training import TrainConfig
-from experiments.benchmark import flops_per_image, model_flops
+from experiments.benchmark import cpu_model, flops_per_image, model_flops
 from tests.conftest import REPO
 
 
@@ -92,12 +92,25 @@ def test_benchmark_run_writes_its_table(tmp_path):
   for row in result['model']:
     assert row['images_per_sec'] == pytest.approx(2 / (row['ms'] / 1e3))
     assert row['matmul_fraction'] == pytest.approx(row['gflops'] / row['matmul_gflops'])
+    # Each row is timed beside all three reference products, and held to float32's.
+    assert set(row['reference_gflops']) == {'float32', 'bf16->bf16', 'bf16->float32'}
+    assert row['reference'] == 'float32'
+    assert row['matmul_gflops'] == row['reference_gflops']['float32']
+    assert row['cpu'] == result['cpu'] == cpu_model()
     assert 0 < row['matmul_fraction'] < 1.5 and row['peak_mb'] > 0
   train_row, _, infer_row = result['model']
   assert train_row['peak_mb'] > infer_row['peak_mb']  # gradients and Adam moments
   (routing,) = result['routing']
   assert routing['speedup'] == pytest.approx(routing['python_unrolled_ms'] / routing['capsjax_ms'])
   assert 'images/s' in proc.stdout and 'Routing alone' in proc.stdout
+
+
+def test_cpu_model_names_the_first_processor(tmp_path):
+  cpuinfo = tmp_path / 'cpuinfo'
+  cpuinfo.write_text('processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n'
+                     'model\t\t: 2\nmodel name\t: AMD EPYC 9R45\n\n'
+                     'processor\t: 1\ncpu family\t: 99\nmodel\t\t: 9\nmodel name\t: other\n')
+  assert cpu_model(str(cpuinfo)) == 'AMD EPYC 9R45 (family 26, model 2)'
 
 
 def test_benchmark_rejects_a_bad_flag_and_writes_nothing(tmp_path):

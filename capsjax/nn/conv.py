@@ -8,6 +8,13 @@ gradient, the same layer runs its backward pass at a large fraction of that
 rate; `BENCHMARKS.md` has the measurements and the whole training step. Both
 forms compute the same function, in every mode of autodiff (jvp, jacfwd and
 Hessian-vector products too).
+
+In bfloat16 both forms take bfloat16 operands and accumulate in float32
+(`preferred_element_type`), rounding the result to bfloat16 once. XLA's CPU
+backend runs a product of that form through its fast bf16 dot kernels (on a
+Zen 4 CPU at 1.8x the float32 rate); a bfloat16-to-bfloat16 product is not
+one of them and ran at the float32 rate or below, with 8-bit sums besides.
+BENCHMARKS.md has the measurements, and the two products that stay slow.
 """
 
 import math
@@ -17,6 +24,8 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 import jax.numpy as jnp
+
+from capsjax.nn.ops import accumulation_dtype
 
 # Kernel rows are grouped until a matmul contracts over at least this many
 # values: Conv1 (1 input channel) then uses one im2col matmul with K = 81,
@@ -160,23 +169,25 @@ def conv2d_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     stride: int, the same in both spatial directions.
 
   Returns:
-    [batch, out_h, out_w, out_channels], out = (size - kernel) // stride + 1.
+    [batch, out_h, out_w, out_channels] in x's dtype, summed in float32 or wider,
+    out = (size - kernel) // stride + 1.
   """
   kernel_h, kernel_w, channels, features = kernel.shape
   groups = _row_groups(kernel_h, kernel_w * channels)
   out = None
   for group, columns in zip(groups, _columns(x, kernel_h, kernel_w, stride)):
     weights = kernel[group.start:group.stop].reshape(-1, features)
-    term = columns.reshape(-1, columns.shape[-1]) @ weights
+    term = lax.dot(columns.reshape(-1, columns.shape[-1]), weights,
+                   preferred_element_type=accumulation_dtype(x.dtype))
     out = term if out is None else out + term
-  return out.reshape(*columns.shape[:3], features)
+  return out.astype(x.dtype).reshape(*columns.shape[:3], features)
 
 
 def conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """The same VALID convolution through `lax.conv_general_dilated` (the reference)."""
   return lax.conv_general_dilated(
-      x, kernel, (stride, stride), 'VALID',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      x, kernel, (stride, stride), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      preferred_element_type=accumulation_dtype(x.dtype)).astype(x.dtype)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = 'auto') -> jax.Array:

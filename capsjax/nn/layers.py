@@ -1,5 +1,6 @@
 """Flax linen capsule layers: convolution, primary capsules, routed capsules, decoder."""
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 
 from capsjax.errors import InputError
 from capsjax.nn.conv import conv2d
-from capsjax.nn.ops import safe_norm, squash
+from capsjax.nn.ops import accumulation_dtype, safe_norm, squash
 from capsjax.nn.routing import (
     batched_dynamic_routing,
     em_routing,
@@ -154,7 +155,10 @@ class RoutedCapsules(nn.Module):
     weights = self.param(
         'weights', nn.initializers.normal(self.weight_stddev),
         (num_in, self.num_capsules, self.capsule_dim, dim_in), self.param_dtype)
-    u_hat = jnp.einsum('bik,ijdk->bijd', u.astype(self.dtype), weights.astype(self.dtype))
+    # Summed in float32 whatever the compute dtype, as the convolutions are (capsjax.nn.conv).
+    u_hat = jnp.einsum('bik,ijdk->bijd', u.astype(self.dtype), weights.astype(self.dtype),
+                       preferred_element_type=accumulation_dtype(self.dtype)
+                       ).astype(self.dtype)
     v, couplings = self._route(u, u_hat)
     self.sow('intermediates', 'couplings', couplings)
     return v
@@ -244,7 +248,10 @@ class Decoder(nn.Module):
       capsules = jnp.broadcast_to(capsules[:, None], (*mask.shape, capsules.shape[-1]))
     lead = mask.shape[:-1]
     x = (capsules * mask[..., None].astype(capsules.dtype)).reshape(math.prod(lead), -1)
+    # Products summed in float32 whatever the compute dtype (capsjax.nn.conv says why).
+    product = functools.partial(lax.dot_general,
+                                preferred_element_type=accumulation_dtype(self.dtype))
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
-    x = nn.Dense(math.prod(self.output_shape), dtype=self.dtype)(x)
+      x = nn.relu(nn.Dense(width, dtype=self.dtype, dot_general=product)(x).astype(self.dtype))
+    x = nn.Dense(math.prod(self.output_shape), dtype=self.dtype, dot_general=product)(x)
     return nn.sigmoid(x).reshape(*lead, *self.output_shape)

@@ -7,8 +7,12 @@ import jax.numpy as jnp
 NORM_EPSILON = 1e-7
 
 
-def _accumulation_dtype(dtype):
-  """float32 for half-precision inputs (their sums of squares overflow or lose digits)."""
+def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """The dtype sums of `dtype` values run in: float32 for half precision.
+
+  Half-precision sums of squares overflow or lose digits, and the CPU's and
+  accelerators' fast bfloat16 products accumulate in float32.
+  """
   return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -25,7 +29,7 @@ def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False,
   Returns:
     The norms, x's shape without `axis` (or with length 1 there), x's dtype.
   """
-  acc = _accumulation_dtype(x.dtype)
+  acc = accumulation_dtype(x.dtype)
   squared = jnp.sum(jnp.square(x.astype(acc)), axis=axis, keepdims=keepdims)
   return jnp.sqrt(squared + epsilon).astype(x.dtype)
 
@@ -43,7 +47,7 @@ def squash(s: jax.Array, axis: int = -1) -> jax.Array:
   Returns:
     An array of s's shape and dtype whose vectors along `axis` have length in [0, 1).
   """
-  acc = _accumulation_dtype(s.dtype)
+  acc = accumulation_dtype(s.dtype)
   s_acc = s.astype(acc)
   squared_norm = jnp.sum(jnp.square(s_acc), axis=axis, keepdims=True)
   scale = squared_norm / (1.0 + squared_norm) / jnp.sqrt(squared_norm + NORM_EPSILON)
@@ -65,7 +69,7 @@ def efficient_squash(s: jax.Array, axis: int = -1) -> jax.Array:
     An array of s's shape and dtype whose vectors along `axis` have length in [0, 1)
     (exactly 1 in float32 once |s| > 17).
   """
-  acc = _accumulation_dtype(s.dtype)
+  acc = accumulation_dtype(s.dtype)
   s_acc = s.astype(acc)
   norm = jnp.sqrt(jnp.sum(jnp.square(s_acc), axis=axis, keepdims=True) + NORM_EPSILON)
   return ((1.0 - jnp.exp(-norm)) / norm * s_acc).astype(s.dtype)

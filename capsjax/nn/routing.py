@@ -21,7 +21,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from capsjax.nn.ops import efficient_squash, squash
+from capsjax.nn.ops import accumulation_dtype, efficient_squash, squash
 
 
 def _check_num_iters(num_iters):
@@ -45,7 +45,9 @@ def _couplings(logits, dtype):
 
 def _parent_outputs(u_parent, couplings):
   """v_j = squash(sum_i c_ij u_hat[j|i]) for parent-major u_parent [J, I, D] and c [I, J]."""
-  return squash(jnp.einsum('ij,jid->jd', couplings, u_parent))
+  s = jnp.einsum('ij,jid->jd', couplings, u_parent,
+                 preferred_element_type=accumulation_dtype(u_parent.dtype))
+  return squash(s).astype(u_parent.dtype)
 
 
 def _uniform_parent_outputs(u_parent):
