@@ -18,7 +18,16 @@ import numpy as np
 from capsjax import data, models, settings, visualize
 from capsjax.analysis import evaluate
 from capsjax.errors import InputError
-from capsjax.training import RECIPES, TrainConfig, distributed, evaluation_params, stopping
+from capsjax.training import (
+  RECIPES,
+  TrainConfig,
+  distributed,
+  evaluation_params,
+  rundir,
+  stopping,
+  train_and_evaluate,
+)
+from capsjax.training.loop import Splits
 from capsjax.training.rundir import METRICS_FILE, read_metrics
 from experiments import runtime
 from experiments.console import end_status_line, is_writer, say, status  # noqa: F401
@@ -140,6 +149,33 @@ def finished_record(workdir: str, epochs: int) -> Optional[dict]:
   """The last metrics record of a run in `workdir` that has trained all `epochs`, else None."""
   records = read_metrics(os.path.join(workdir, METRICS_FILE), log=say)
   return records[-1] if records and records[-1]['epoch'] >= epochs else None
+
+
+def train_or_read(config: TrainConfig, task, workdir: str, label: str) -> dict:
+  """Train (resuming) the run in `workdir`, or read it back if it has trained all its epochs.
+
+  A finished run is read back only if it was made with `config`'s settings (its
+  epochs aside, which may be more): what a resume checks, else an InputError
+  naming each difference.
+
+  Args:
+    config: the run's settings.
+    task: its `capsjax.tasks.Task`, built for `workdir`.
+    workdir: the run's folder.
+    label: how the lines printed name the run, e.g. 'r = 3' or 'caps_r3 seed 0'.
+
+  Returns:
+    The run's last metrics record.
+  """
+  record = finished_record(workdir, config.epochs)
+  if record:
+    identity = rundir.run_identity(config, task, Splits(config, task, eval_only=False).counts)
+    rundir.check_resumable(rundir.read_run_file(workdir), identity, workdir)
+    say(f'{label}: finished before, test error {100 * record["test_error"]:.2f}% ({workdir}).')
+    return record
+  say(f'== {label} ({workdir})')
+  train_and_evaluate(config, task, workdir, log=say, progress=status)
+  return finished_record(workdir, config.epochs)
 
 
 def load_data() -> data.Dataset:

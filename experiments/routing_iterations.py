@@ -34,8 +34,7 @@ from capsjax import files, models, tasks, visualize
 from capsjax.analysis import interpret
 from capsjax.data import Dataset
 from capsjax.errors import InputError
-from capsjax.training import TrainConfig, evaluation_params, rundir, train_and_evaluate
-from capsjax.training.loop import Splits
+from capsjax.training import TrainConfig, evaluation_params, rundir
 from experiments import common, mnist
 
 FLAGS = flags.FLAGS
@@ -78,17 +77,6 @@ def check_flags(config: TrainConfig) -> None:
                      f'choose one of {", ".join(ITERATED_ROUTINGS)}.')
 
 
-def check_finished_run(config: TrainConfig, dataset: Dataset, workdir: str) -> None:
-  """Raise an `InputError` naming each setting in which the run in `workdir` differs from `config`.
-
-  What a resume checks, for a run read back instead: its epochs may differ (the
-  table gives the epochs it trained).
-  """
-  task = mnist.mnist_task(config, dataset, workdir)
-  identity = rundir.run_identity(config, task, Splits(config, task, eval_only=False).counts)
-  rundir.check_resumable(rundir.read_run_file(workdir), identity, workdir)
-
-
 def train_or_read(r: int, dataset: Dataset) -> Tuple[TrainConfig, str, dict]:
   """Train (resuming) the run with r routing iterations, or read it back if finished.
 
@@ -97,17 +85,8 @@ def train_or_read(r: int, dataset: Dataset) -> Tuple[TrainConfig, str, dict]:
   """
   config = common.config_from_flags(dataset, routing_iters=r)
   workdir = os.path.join(FLAGS.workdir, f'r{r}')
-  record = common.finished_record(workdir, config.epochs)
-  if record:
-    check_finished_run(config, dataset, workdir)
-    common.say(f'r = {r}: finished before, test error {100 * record["test_error"]:.2f}% '
-               f'({workdir}).')
-  else:
-    common.say(f'== r = {r} ({workdir})')
-    train_and_evaluate(config, mnist.mnist_task(config, dataset, workdir), workdir,
-                       log=common.say, progress=common.status)
-    record = common.finished_record(workdir, config.epochs)
-  return config, workdir, record
+  task = mnist.mnist_task(config, dataset, workdir)
+  return config, workdir, common.train_or_read(config, task, workdir, f'r = {r}')
 
 
 def mean_logit_changes(config: TrainConfig, params, images: np.ndarray) -> List[float]:

@@ -24,7 +24,7 @@ import numpy as np
 from capsjax import files
 from capsjax.data import Dataset
 from capsjax.errors import InputError
-from capsjax.training import TrainConfig, train_and_evaluate
+from capsjax.training import TrainConfig
 from capsjax.training.rundir import METRICS_FILE, read_metrics
 from experiments import common, mnist
 
@@ -67,15 +67,8 @@ def run_row(row: Row, dataset: Dataset) -> dict:
   for seed in range(FLAGS.seeds):
     config = common.config_from_flags(dataset, seed=seed, **row.settings)
     workdir = os.path.join(FLAGS.workdir, row.name, f'seed{seed}')
-    record = common.finished_record(workdir, config.epochs)
-    if record:
-      common.say(f'{row.name} seed {seed}: finished before, test error '
-                 f'{100 * record["test_error"]:.2f}% ({workdir}).')
-    else:
-      common.say(f'== {row.name} seed {seed} ({workdir})')
-      train_and_evaluate(config, mnist.mnist_task(config, dataset, workdir), workdir,
-                         log=common.say, progress=common.status)
-      record = common.finished_record(workdir, config.epochs)
+    record = common.train_or_read(config, mnist.mnist_task(config, dataset, workdir), workdir,
+                                  f'{row.name} seed {seed}')
     seconds = sum(r['epoch_seconds'] for r in read_metrics(os.path.join(workdir, METRICS_FILE)))
     runs.append({'seed': seed, 'test_error': record['test_error'], 'seconds': seconds})
   errors = 100 * np.array([r['test_error'] for r in runs])
