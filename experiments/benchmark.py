@@ -325,8 +325,8 @@ def time_model(model: str, mode: str, dtype: str, routing_iters: Optional[int], 
       state, metrics = compiled(state, batch)
       return metrics
   else:
-    compiled = jax.jit(lambda state, images: state.apply_fn(
-        {'params': state.params}, images)).lower(state, batch['image']).compile()
+    compiled = jax.jit(lambda state, images: state.forward(state.params, images)).lower(
+        state, batch['image']).compile()
     step = lambda batch: compiled(state, batch['image'])
   references = {name: matmul_call(*dtypes) for name, dtypes in REFERENCE_PRODUCTS.items()}
   seconds, *reference_seconds = interleaved_median_seconds(
@@ -335,9 +335,10 @@ def time_model(model: str, mode: str, dtype: str, routing_iters: Optional[int], 
                       for (name, (_, _, flops)), s in zip(references.items(), reference_seconds)}
   capsnet = model == 'capsnet'
   matmul_gflops = reference_gflops[ROW_REFERENCE[dtype]]
-  # The FLOP count follows dynamic routing; the other routings' rows give times only.
+  # The FLOP count follows dynamic routing; the other routings' rows, and models without a
+  # count, give times only.
   gflops = None
-  if not capsnet or routing == 'dynamic':
+  if model in FLOPS and (not capsnet or routing == 'dynamic'):
     flops = flops_per_image(config)['train' if mode == 'train' else 'forward'] * batch_size
     gflops = flops / seconds / 1e9
   return dict(model=model, recipe=recipe, image_size=FLAGS.image_size, mode=mode, dtype=dtype,

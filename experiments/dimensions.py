@@ -33,7 +33,10 @@ flags.DEFINE_integer('digits', 6, 'Test digits to draw, the first N of the test 
 
 
 def check_decoder(config: TrainConfig, workdir: str) -> None:
-  """Raise an `InputError` unless `config` (of the run in `workdir`) has a decoder to draw with."""
+  """Raise an `InputError` unless `config` (of the run in `workdir`) is a CapsNet with a decoder."""
+  if config.model.name != 'capsnet':
+    raise InputError(f'{workdir} holds a {config.model.name} run; the dimension sheet and the '
+                     f'coupling maps are drawn for the paper\'s CapsNet (--model=capsnet) only.')
   if not models.has_decoder(config.model):
     raise InputError(f'{workdir} holds a {config.model.name} run without a decoder '
                      f'(recon_weight {config.model.recon_weight}); the dimension sheet decodes '

@@ -43,13 +43,14 @@ def main(argv):
     overrides['recon_weight'] = 0.0
   config = common.config_from_flags(None, **overrides).model
   model = models.build(config)
-  params = capsjax.init_params(model, jax.random.PRNGKey(0), image_shape)
+  variables = capsjax.init_variables(model, jax.random.PRNGKey(0), image_shape)
+  params = variables['params']
   description = models.describe(config)  # mid-sentence wording: capitalised to start a line
   description = description[:1].upper() + description[1:]
   if models.architecture(config).scores == 'logits':
     print(f'{description} for {image_shape} images')
   else:
-    out = jax.eval_shape(model.apply, {'params': params}, jnp.zeros((1, *image_shape)))
+    out = jax.eval_shape(model.apply, variables, jnp.zeros((1, *image_shape)))
     print(f'{description}, for {image_shape} images')
     print(f'  primary capsules: {params["digit_caps"]["weights"].shape[0]} of '
           f'{model.primary_dim}D; class capsules: {out.capsules.shape[1:]}')

@@ -69,7 +69,7 @@ def test_create_and_replace_set_leaves_by_flag_name():
     ({'learning_rate': math.nan}, '--learning_rate=nan: give a finite number.'),
     ({'learning_rate': math.inf}, '--learning_rate=inf: give a finite number.'),
     ({'seed': -1}, '--seed=-1: must be at least 0.'),
-    ({'model': 'resnet'}, '--model=resnet: choose one of capsnet, baseline.'),
+    ({'model': 'resnet'}, '--model=resnet: choose one of capsnet, baseline, efficient_capsnet.'),
     ({'dropout_rate': 1.0}, '--dropout_rate=1.0: must be below 1.'),
     ({'ema_decay': 1.0}, '--ema_decay=1.0: must be below 1.'),
     ({'lr_decay': 1.5}, '--lr_decay=1.5: must be at most 1.'),

@@ -8,14 +8,21 @@ architecture's name.
 """
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 
 from capsjax.models.baseline import BaselineCNN
-from capsjax.models.capsnet import CapsNet, CapsNetOutput, init_params, parameter_counts
+from capsjax.models.capsnet import (
+  CapsNet,
+  CapsNetOutput,
+  init_params,
+  init_variables,
+  parameter_counts,
+)
 from capsjax.models.config import ARCHITECTURES, DTYPES, ModelConfig
+from capsjax.models.efficient_capsnet import EfficientCapsNet
 
 
 class ModelOutput(NamedTuple):
@@ -23,9 +30,12 @@ class ModelOutput(NamedTuple):
 
   scores: float32 [B, K], capsule lengths ('lengths') or logits ('logits').
   reconstructions: float32 [B, H, W, C] ([B, M, H, W, C] for M masks), or None.
+  model_state: in training, the model's updated state (its collections besides
+    'params', e.g. batch normalisation's running statistics), or None if it has none.
   """
   scores: jax.Array
   reconstructions: Optional[jax.Array]
+  model_state: Optional[Any] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +43,11 @@ class Architecture:
   """How to build and run one kind of model.
 
   build: ModelConfig -> Flax module.
-  forward: (apply_fn, params, images, decode, train, rng) -> ModelOutput. decode
-    is what a decoder reconstructs from (class indices [B], or masks [B, M, K];
-    None: the longest capsule); train turns on dropout, drawn from rng.
+  forward: (apply_fn, params, images, decode, train, rng, model_state) ->
+    ModelOutput. decode is what a decoder reconstructs from (class indices [B],
+    or masks [B, M, K]; None: the longest capsule); train turns on dropout,
+    drawn from rng, and batch statistics; model_state holds the collections
+    besides 'params' (None for models without).
   scores: 'lengths' (capsule lengths in [0, 1), trained with the margin loss)
     or 'logits' (trained with cross-entropy).
   decodes: whether it has a decoder when config.recon_weight > 0.
@@ -64,8 +76,9 @@ def _describe_capsnet(config):
   return f'CapsNet, {config.routing_iters} {routing}routing iterations'
 
 
-def _forward_capsnet(apply_fn, params, images, decode=None, train=False, rng=None):
-  del train, rng  # no dropout
+def _forward_capsnet(apply_fn, params, images, decode=None, train=False, rng=None,
+                     model_state=None):
+  del train, rng, model_state  # no dropout, no state
   out = apply_fn({'params': params}, images, decode)
   return ModelOutput(out.lengths, out.reconstructions)
 
@@ -77,11 +90,28 @@ def _build_baseline(config):
                      dtype=config.compute_dtype)
 
 
-def _forward_baseline(apply_fn, params, images, decode=None, train=False, rng=None):
-  del decode  # no decoder
+def _forward_baseline(apply_fn, params, images, decode=None, train=False, rng=None,
+                      model_state=None):
+  del decode, model_state  # no decoder, no state
   logits = apply_fn({'params': params}, images, train=train,
                     rngs={'dropout': rng} if train else {})
   return ModelOutput(logits, None)
+
+
+def _build_efficient_capsnet(config):
+  return EfficientCapsNet(num_classes=config.num_classes, use_decoder=config.recon_weight > 0,
+                          conv_impl=config.conv_impl, dtype=config.compute_dtype)
+
+
+def _forward_efficient_capsnet(apply_fn, params, images, decode=None, train=False, rng=None,
+                               model_state=None):
+  del rng  # no dropout
+  variables = {'params': params, **model_state}
+  if train:
+    out, updated = apply_fn(variables, images, decode, train=True, mutable=list(model_state))
+    return ModelOutput(out.lengths, out.reconstructions, updated)
+  out = apply_fn(variables, images, decode)
+  return ModelOutput(out.lengths, out.reconstructions)
 
 
 REGISTRY = {
@@ -89,6 +119,9 @@ REGISTRY = {
                             describe=_describe_capsnet),
     'baseline': Architecture(_build_baseline, _forward_baseline, scores='logits', decodes=False,
                              describe=lambda c: 'baseline CNN'),
+    'efficient_capsnet': Architecture(_build_efficient_capsnet, _forward_efficient_capsnet,
+                                      scores='lengths', decodes=True,
+                                      describe=lambda c: 'Efficient-CapsNet'),
 }
 assert tuple(REGISTRY) == ARCHITECTURES
 
@@ -114,5 +147,5 @@ def describe(config: ModelConfig) -> str:
 
 
 __all__ = ['ARCHITECTURES', 'Architecture', 'BaselineCNN', 'CapsNet', 'CapsNetOutput', 'DTYPES',
-           'ModelConfig', 'ModelOutput', 'REGISTRY', 'architecture', 'build', 'describe',
-           'has_decoder', 'init_params', 'parameter_counts']
+           'EfficientCapsNet', 'ModelConfig', 'ModelOutput', 'REGISTRY', 'architecture', 'build',
+           'describe', 'has_decoder', 'init_params', 'init_variables', 'parameter_counts']

@@ -139,16 +139,26 @@ def parameter_counts(params: Mapping[str, Any]) -> Dict[str, int]:
   return counts
 
 
-def init_params(model: nn.Module, rng: jax.Array, image_shape: Sequence[int]) -> Dict[str, Any]:
-  """Initialise a CapsNet's parameters without running its computation.
+def init_variables(model: nn.Module, rng: jax.Array, image_shape: Sequence[int]
+                   ) -> Dict[str, Any]:
+  """Initialise a model's variables: 'params', and any state such as 'batch_stats'.
 
   Args:
-    model: a `CapsNet`.
+    model: a `CapsNet`, `EfficientCapsNet` or `BaselineCNN`.
     rng: PRNG key.
     image_shape: (height, width, channels) of one image.
 
   Returns:
-    The 'params' collection.
+    dict of collection name -> its tree.
   """
   images = jnp.zeros((1, *image_shape), jnp.float32)
-  return jax.jit(model.init)(rng, images)['params']
+  return dict(jax.jit(model.init)(rng, images))
+
+
+def init_params(model: nn.Module, rng: jax.Array, image_shape: Sequence[int]) -> Dict[str, Any]:
+  """Initialise a model's parameters (see `init_variables`).
+
+  Returns:
+    The 'params' collection.
+  """
+  return init_variables(model, rng, image_shape)['params']

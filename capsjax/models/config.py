@@ -10,7 +10,7 @@ from capsjax.nn.conv import CONV_IMPLS
 from capsjax.nn.layers import ROUTINGS
 from capsjax.settings import setting
 
-ARCHITECTURES = ('capsnet', 'baseline')
+ARCHITECTURES = ('capsnet', 'baseline', 'efficient_capsnet')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -23,7 +23,8 @@ class ModelConfig:
   baseline_conv3_features and baseline_pool. image_shape and num_classes come
   from the data, not from flags.
   """
-  name: str = setting('capsnet', "capsnet (the paper's CapsNet) or baseline (the paper's CNN).",
+  name: str = setting('capsnet', "capsnet (the paper's CapsNet), baseline (the paper's CNN) or "
+                      'efficient_capsnet (Mazzia et al. 2021).',
                       choices=ARCHITECTURES, flag='model')
   routing_iters: int = setting(3, 'Routing iterations.', lower=1)
   routing: str = setting('dynamic', "CapsNet's routing: dynamic (the paper's), em (Hinton et al. "

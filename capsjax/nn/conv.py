@@ -206,3 +206,29 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = 'auto') -> 
   if resolve_impl(impl) == 'matmul':
     return conv2d_matmul(x, kernel, stride)
   return conv2d_xla(x, kernel, stride)
+
+
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """VALID depthwise 2-D convolution, stride 1: each channel convolved with its own kernel.
+
+  Computed as a sum of the kernel_h * kernel_w shifted input windows, each times
+  its tap's per-channel weights: elementwise work that XLA fuses, where the CPU's
+  grouped `lax.conv` is slow. Efficient-CapsNet's primary capsules are one such
+  convolution whose kernel covers the whole map (9x9 over 9x9).
+
+  Args:
+    x: [batch, height, width, channels] float array.
+    kernel: [kernel_h, kernel_w, channels], x's dtype.
+
+  Returns:
+    [batch, height - kernel_h + 1, width - kernel_w + 1, channels] in x's dtype,
+    summed in float32 or wider.
+  """
+  kernel_h, kernel_w, _ = kernel.shape
+  out_h, out_w = output_size(x.shape[1], kernel_h, 1), output_size(x.shape[2], kernel_w, 1)
+  acc = accumulation_dtype(x.dtype)
+  out = jnp.zeros((x.shape[0], out_h, out_w, x.shape[3]), acc)
+  for ky in range(kernel_h):
+    for kx in range(kernel_w):
+      out = out + (x[:, ky:ky + out_h, kx:kx + out_w, :].astype(acc) * kernel[ky, kx].astype(acc))
+  return out.astype(x.dtype)

@@ -59,6 +59,7 @@ class Conv2D(nn.Module):
     dtype: compute dtype; parameters are kept in param_dtype.
     padding: 'VALID' (no padding) or 'SAME' (TensorFlow's and `nn.Conv`'s: out
       = ceil(in / strides), the low side gets the smaller half of the padding).
+    kernel_init: the kernel's initializer (LeCun normal, `nn.Conv`'s).
   """
   features: int
   kernel_size: int
@@ -67,6 +68,7 @@ class Conv2D(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   padding: str = 'VALID'
+  kernel_init: Any = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -74,7 +76,7 @@ class Conv2D(nn.Module):
     if self.padding not in PADDINGS:
       raise ValueError(f'padding must be one of {PADDINGS}, got {self.padding!r}.')
     kernel = self.param(
-        'kernel', nn.initializers.lecun_normal(),
+        'kernel', self.kernel_init,
         (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
         self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)

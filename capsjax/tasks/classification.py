@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from capsjax import models
 from capsjax.nn.losses import capsnet_loss_terms, cross_entropy_loss
-from capsjax.training.state import TrainState
+from capsjax.training.state import TrainState, with_model_state
 
 
 def classification_losses(state: TrainState, params: Mapping[str, Any],
@@ -41,4 +41,4 @@ def classification_losses(state: TrainState, params: Mapping[str, Any],
   else:
     terms = {'loss': cross_entropy_loss(out.scores, labels)}
   terms['accuracy'] = (jnp.argmax(out.scores, axis=-1) == labels).astype(jnp.float32)
-  return terms
+  return with_model_state(terms, out)

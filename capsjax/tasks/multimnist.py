@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from capsjax import models
 from capsjax.data.multimnist import DIGITS
 from capsjax.nn.losses import margin_loss, reconstruction_loss
-from capsjax.training.state import TrainState
+from capsjax.training.state import TrainState, with_model_state
 
 
 def top2(scores: jax.Array) -> jax.Array:
@@ -91,4 +91,4 @@ def multimnist_losses(state: TrainState, params: Mapping[str, Any],
   else:
     logits = out.scores.astype(jnp.float32)
     terms = {'loss': jnp.sum(jnp.logaddexp(0.0, logits) - targets * logits, axis=-1)}
-  return {**terms, **pair_metrics(out.scores, labels)}
+  return with_model_state({**terms, **pair_metrics(out.scores, labels)}, out)

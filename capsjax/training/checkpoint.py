@@ -90,6 +90,8 @@ def _items(state) -> dict:
            'rng': state.rng}
   if state.ema is not None:
     items['ema'] = state.ema
+  if state.model_state:
+    items['model_state'] = state.model_state
   return jax.device_get(items)
 
 

@@ -1,6 +1,6 @@
 """The training state: parameters, optimizer state, step, key and the weights' moving average."""
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax
 from flax.training import train_state
@@ -12,6 +12,14 @@ from capsjax import models
 from capsjax.training.config import TrainConfig
 
 LossFn = Callable[..., dict]
+# The term of a loss's dict that carries a training forward pass's updated model state
+# (see `TrainState.model_state`) out of the loss to `train_step`; not a per-example term.
+MODEL_STATE = 'model_state'
+
+
+def with_model_state(terms: dict, out: models.ModelOutput) -> dict:
+  """A loss's per-example `terms`, plus `out`'s updated model state (if any) as MODEL_STATE."""
+  return terms if out.model_state is None else {**terms, MODEL_STATE: out.model_state}
 
 
 class TrainState(train_state.TrainState):
@@ -21,19 +29,23 @@ class TrainState(train_state.TrainState):
     folded with the step number.
   ema: the `optax.EmaState` of the parameters when config.optimizer.ema_decay > 0,
     else None; `evaluation_params` reads it.
+  model_state: the model's collections besides 'params' ({'batch_stats': ...}
+    for Efficient-CapsNet's batch normalisation), {} for models without;
+    `train_step` updates it from the loss's MODEL_STATE term.
   config: the run's `TrainConfig`.
   loss_fn: the per-example loss, (state, params, batch, train, rng) -> dict of
     float32 [B] holding 'loss' (see `capsjax.tasks`).
   """
   rng: jax.Array = None
   ema: optax.EmaState = None
+  model_state: Any = flax.struct.field(default_factory=dict)
   config: TrainConfig = flax.struct.field(pytree_node=False, default=None)
   loss_fn: LossFn = flax.struct.field(pytree_node=False, default=None)
 
   def forward(self, params, images, decode=None, train=False, rng=None) -> models.ModelOutput:
     """Run the state's model at `params` (see `capsjax.models.Architecture.forward`)."""
     return models.architecture(self.config.model).forward(self.apply_fn, params, images,
-                                                          decode, train, rng)
+                                                          decode, train, rng, self.model_state)
 
 
 def ema(config: TrainConfig) -> optax.GradientTransformation:
@@ -59,8 +71,9 @@ def create_train_state(rng: jax.Array, config: TrainConfig, loss_fn: LossFn,
   """
   model = models.build(config.model)
   params_key, state_key = jax.random.split(rng)
-  params = models.init_params(model, params_key, config.model.image_shape)
-  state = TrainState.create(apply_fn=model.apply, params=params,
+  variables = models.init_variables(model, params_key, config.model.image_shape)
+  params = variables.pop('params')
+  state = TrainState.create(apply_fn=model.apply, params=params, model_state=variables,
                             tx=config.optimizer_transform(steps_per_epoch),
                             rng=state_key, config=config, loss_fn=loss_fn,
                             ema=ema(config).init(params) if config.optimizer.ema_decay else None)

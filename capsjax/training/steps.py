@@ -24,7 +24,7 @@ import numpy as np
 
 from capsjax.data.augment import random_shifts, shift_images
 from capsjax.errors import InputError
-from capsjax.training.state import TrainState, ema, evaluation_params
+from capsjax.training.state import MODEL_STATE, TrainState, ema, evaluation_params
 
 AXIS_NAME = 'batch'
 BATCH_STREAM = 2**31
@@ -89,14 +89,16 @@ def train_step(state: TrainState, batch: dict, axis_name=None):
   batch = {**batch, 'image': images}
 
   def mean_loss(params):
-    terms = state.loss_fn(state, params, batch, True, dropout_key)
-    return jnp.mean(terms['loss']), terms
+    terms = dict(state.loss_fn(state, params, batch, True, dropout_key))
+    model_state = terms.pop(MODEL_STATE, state.model_state)
+    return jnp.mean(terms['loss']), (terms, model_state)
 
-  (_, terms), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+  (_, (terms, model_state)), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
   metrics = {name: jnp.mean(value) for name, value in terms.items()}
   if axis_name is not None:
-    grads, metrics = lax.pmean((grads, metrics), axis_name)
-  state = state.apply_gradients(grads=grads)
+    # Every device's running statistics move by the mean of theirs, so they stay equal.
+    grads, metrics, model_state = lax.pmean((grads, metrics, model_state), axis_name)
+  state = state.apply_gradients(grads=grads, model_state=model_state)
   if state.ema is not None:
     _, average = ema(state.config).update(state.params, state.ema)
     state = state.replace(ema=average)
@@ -119,7 +121,8 @@ def eval_step(state: TrainState, batch: dict, axis_name=None) -> dict:
   """
   _check_batch_types(batch)
   mask = batch.get('mask', jnp.ones(batch['image'].shape[:1], jnp.float32))
-  terms = state.loss_fn(state, evaluation_params(state), batch, False, None)
+  terms = dict(state.loss_fn(state, evaluation_params(state), batch, False, None))
+  terms.pop(MODEL_STATE, None)
   sums = {name: jnp.sum(value * mask) for name, value in terms.items()}
   sums['count'] = jnp.sum(mask)
   return sums if axis_name is None else lax.psum(sums, axis_name)
