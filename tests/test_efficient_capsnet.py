@@ -1,5 +1,10 @@
 """Efficient-CapsNet: its size, its depthwise primary capsules, its batch statistics."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +15,7 @@ from capsjax.nn.conv import conv2d_xla, depthwise_conv2d
 from capsjax.tasks import classification_losses
 from capsjax.training import RECIPES, TrainConfig, create_train_state, train_step
 from capsjax.training.checkpoint import Checkpointer, Progress
+from tests.conftest import REPO
 
 
 def test_parameter_count_is_the_papers_by_hand():
@@ -94,3 +100,39 @@ def test_training_steps_update_and_checkpoints_keep_the_statistics(tmp_path):
     restored, _ = checkpointer.restore(state)
   for got, want in zip(jax.tree.leaves(restored.model_state), jax.tree.leaves(trained.model_state)):
     np.testing.assert_array_equal(got, want)
+
+
+PMAP_SCRIPT = r'''
+import json, jax, jax.numpy as jnp, numpy as np
+from capsjax.tasks import classification_losses
+from capsjax.training import RECIPES, TrainConfig, create_train_state, steps
+config = TrainConfig.create(**{**RECIPES['efficient_capsnet'], 'shift_pixels': 0})
+rng = np.random.default_rng(0)
+images = jnp.asarray(rng.integers(0, 256, size=(16, 28, 28, 1)), jnp.uint8)
+labels = jnp.asarray(rng.integers(0, 10, size=16), jnp.int32)
+result = {}
+for devices in (jax.devices()[:1], jax.devices()):
+  p_train, _ = steps.pmap_steps(devices)
+  put = lambda x: steps.replicate(x, devices)
+  state = put(create_train_state(jax.random.PRNGKey(0), config, classification_losses))
+  indices = np.arange(16, dtype=np.int32).reshape(len(devices), -1)
+  state, _ = p_train(state, put(images), put(labels), indices)
+  stats = state.model_state['batch_stats']['norm1']
+  result[len(devices)] = {name: np.asarray(value).tolist() for name, value in stats.items()}
+print('RESULT' + json.dumps(result))
+'''
+
+
+def test_devices_normalise_their_shares_and_average_the_statistics():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', PMAP_SCRIPT], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.split('RESULT')[-1])
+  one, two = (np.asarray(result[n]['mean']) for n in ('1', '2'))
+  assert np.array_equal(two[0], two[1])  # every device holds the same statistics
+  # The mean of the two halves' means is the whole batch's: the running means agree. (The
+  # variances do not: each device's is about its own half's mean.)
+  np.testing.assert_allclose(two[0], one[0], rtol=1e-5, atol=1e-8)
+  assert not np.allclose(result['2']['var'][0], result['1']['var'][0], rtol=1e-7, atol=0)
