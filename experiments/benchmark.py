@@ -383,9 +383,14 @@ def time_routing(num_iters: int, batch_size: int, repeats: int) -> Dict[str, flo
 
 
 def time_each_routing(routings: Sequence[str], num_iters: int, batch_size: int,
-                      repeats: int) -> List[dict]:
-  """Each routing alone, forward and backward, on the paper's u_hat [batch, 1152, 10, 16]."""
+                      repeats: int, dtype: str = 'float32') -> List[dict]:
+  """Each routing alone, forward and backward, on the paper's u_hat [batch, 1152, 10, 16].
+
+  In bfloat16 the predictions and the routing's outputs are bfloat16; logits, EM's
+  statistics and the sums stay float32, as in a bfloat16 model.
+  """
   u_hat = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (batch_size, 1152, 10, 16))
+  u_hat = u_hat.astype(models.DTYPES[dtype])
   activations = jax.random.uniform(jax.random.PRNGKey(1), (batch_size, 1152))
   candidates = {
       'dynamic': lambda u: batched_dynamic_routing(u, num_iters)[0],
@@ -398,11 +403,11 @@ def time_each_routing(routings: Sequence[str], num_iters: int, batch_size: int,
   for name in routings:
     route = candidates[name]
     arguments = (u_hat, activations) if name == 'em' else (u_hat,)
-    loss = lambda *args, route=route: jnp.sum(jnp.square(route(*args)))
+    loss = lambda *args, route=route: jnp.sum(jnp.square(route(*args).astype(jnp.float32)))
     calls.append((jax.jit(jax.grad(loss)), arguments))
   seconds = interleaved_median_seconds(calls, repeats)
   return [dict(routing=name, routing_iters=None if name == 'self_attention' else num_iters,
-               batch=batch_size, ms=1e3 * s) for name, s in zip(routings, seconds)]
+               dtype=dtype, batch=batch_size, ms=1e3 * s) for name, s in zip(routings, seconds)]
 
 
 def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, str, str]]) -> None:
@@ -432,8 +437,8 @@ ROUTING_COLUMNS = [
     ('python_unrolled_ms', 'Python-unrolled ms', '{:.1f}'),
     ('speedup', 'speed-up', '{:.2f}x')]
 EACH_ROUTING_COLUMNS = [
-    ('routing', 'routing', '{}'), ('routing_iters', 'iters', '{}'), ('batch', 'batch', '{}'),
-    ('ms', 'forward + backward ms', '{:.1f}')]
+    ('routing', 'routing', '{}'), ('routing_iters', 'iters', '{}'), ('dtype', 'dtype', '{}'),
+    ('batch', 'batch', '{}'), ('ms', 'forward + backward ms', '{:.1f}')]
 
 
 def integers(values: Sequence[str], flag: str) -> List[int]:
@@ -511,11 +516,12 @@ def main(argv: Sequence[str]) -> None:
     print(f'Routing target, fori_loop at least as fast as the Python loop: {slowest:.2f}x at '
           f'worst: {"met" if slowest >= 1 else "NOT met"}')
   each_routing_rows = []
-  if FLAGS.routing_batch and len(FLAGS.routings) > 1:
+  if FLAGS.routing_batch and (len(FLAGS.routings) > 1 or len(FLAGS.dtypes) > 1):
     print(f'\nEach routing alone, forward + backward, u_hat [{FLAGS.routing_batch}, 1152, 10, 16] '
-          f'float32:')
-    each_routing_rows = [row for iters in routing_iters for row in time_each_routing(
-        FLAGS.routings, iters, FLAGS.routing_batch, FLAGS.repeats)]
+          f'in each dtype:')
+    each_routing_rows = [row for iters in routing_iters for dtype in FLAGS.dtypes
+                         for row in time_each_routing(FLAGS.routings, iters, FLAGS.routing_batch,
+                                                      FLAGS.repeats, dtype)]
     print_table(each_routing_rows, EACH_ROUTING_COLUMNS)
 
   target = [r for r in rows if r['model'] == 'capsnet' and

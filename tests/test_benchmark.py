@@ -11,7 +11,7 @@ import pytest
 
 from capsjax import models
 from capsjax.training import TrainConfig
-from experiments.benchmark import cpu_model, flops_per_image, model_flops
+from experiments.benchmark import cpu_model, flops_per_image, model_flops, time_each_routing
 from tests.conftest import REPO
 
 
@@ -111,6 +111,13 @@ def test_cpu_model_names_the_first_processor(tmp_path):
                      'model\t\t: 2\nmodel name\t: AMD EPYC 9R45\n\n'
                      'processor\t: 1\ncpu family\t: 99\nmodel\t\t: 9\nmodel name\t: other\n')
   assert cpu_model(str(cpuinfo)) == 'AMD EPYC 9R45 (family 26, model 2)'
+
+
+def test_each_routing_is_timed_in_the_dtype_asked_for():
+  rows = time_each_routing(['dynamic', 'self_attention'], 2, 2, 1, 'bfloat16')
+  assert [(r['routing'], r['routing_iters'], r['dtype']) for r in rows] == [
+      ('dynamic', 2, 'bfloat16'), ('self_attention', None, 'bfloat16')]
+  assert all(r['ms'] > 0 for r in rows)
 
 
 def test_benchmark_rejects_a_bad_flag_and_writes_nothing(tmp_path):
