@@ -56,7 +56,8 @@ from capsjax.training import RECIPES, TrainConfig, create_train_state, train_ste
 from experiments import runtime
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('models', ['capsnet'], "capsnet and/or baseline (the paper's CNN).")
+flags.DEFINE_list('models', ['capsnet'], "capsnet, baseline (the paper's CNN) and/or "
+                  'efficient_capsnet.')
 flags.DEFINE_list('batch_sizes', ['16', '64', '128'], 'Global batch sizes.')
 flags.DEFINE_list('routing_iters', ['1', '3'], 'Routing iterations (CapsNet rows).')
 flags.DEFINE_list('routings', ['dynamic'],

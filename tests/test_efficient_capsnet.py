@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from capsjax.errors import InputError
 from capsjax.models import EfficientCapsNet, init_variables, parameter_counts
 from capsjax.nn.conv import conv2d_xla, depthwise_conv2d
 from capsjax.tasks import classification_losses
 from capsjax.training import RECIPES, TrainConfig, create_train_state, train_step
 from capsjax.training.checkpoint import Checkpointer, Progress
+from capsjax.training.state import MODEL_STATE
 from tests.conftest import REPO
 
 
@@ -136,3 +138,22 @@ def test_devices_normalise_their_shares_and_average_the_statistics():
   # variances do not: each device's is about its own half's mean.)
   np.testing.assert_allclose(two[0], one[0], rtol=1e-5, atol=1e-8)
   assert not np.allclose(result['2']['var'][0], result['1']['var'][0], rtol=1e-7, atol=0)
+
+
+def test_a_moving_average_of_the_weights_is_refused_one_line():
+  config = TrainConfig.create(**{**RECIPES['efficient_capsnet'], 'ema_decay': 0.999})
+  with pytest.raises(InputError, match=r'^--ema_decay=0.999 with --model=efficient_capsnet: '):
+    create_train_state(jax.random.PRNGKey(0), config, classification_losses)
+
+
+def test_a_loss_that_drops_the_statistics_is_refused():
+  config = TrainConfig.create(**{**RECIPES['efficient_capsnet'], 'shift_pixels': 0})
+
+  def forgetful_loss(state, params, batch, train, rng):
+    terms = classification_losses(state, params, batch, train, rng)
+    return {name: value for name, value in terms.items() if name != MODEL_STATE}
+
+  state = create_train_state(jax.random.PRNGKey(0), config, forgetful_loss)
+  batch = {'image': images(4), 'label': jnp.arange(4, dtype=jnp.int32)}
+  with pytest.raises(InputError, match='returned no updated model state'):
+    jax.eval_shape(train_step, state, batch)

@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import flax.linen as nn
 import jax
 
+from capsjax.errors import InputError
 from capsjax.models.baseline import BaselineCNN
 from capsjax.models.capsnet import (
   CapsNet,
@@ -106,6 +107,9 @@ def _build_efficient_capsnet(config):
 def _forward_efficient_capsnet(apply_fn, params, images, decode=None, train=False, rng=None,
                                model_state=None):
   del rng  # no dropout
+  if not model_state or 'batch_stats' not in model_state:
+    raise InputError('Efficient-CapsNet needs its batch statistics (model_state with '
+                     "'batch_stats', from capsjax.models.init_variables) beside its params.")
   variables = {'params': params, **model_state}
   if train:
     out, updated = apply_fn(variables, images, decode, train=True, mutable=list(model_state))

@@ -20,8 +20,9 @@ class ModelConfig:
 
   'capsnet' reads routing, routing_iters, recon_weight and the capsule sizes; 'baseline'
   (the paper's CNN, `capsjax.BaselineCNN`) reads dropout_rate,
-  baseline_conv3_features and baseline_pool. image_shape and num_classes come
-  from the data, not from flags.
+  baseline_conv3_features and baseline_pool; 'efficient_capsnet' (Mazzia et al. 2021,
+  `capsjax.EfficientCapsNet`) recon_weight only. All read dtype and conv_impl.
+  image_shape and num_classes come from the data, not from flags.
   """
   name: str = setting('capsnet', "capsnet (the paper's CapsNet), baseline (the paper's CNN) or "
                       'efficient_capsnet (Mazzia et al. 2021).',

@@ -3,16 +3,25 @@
 Four convolutions, each ReLU then batch normalisation (32 5x5, 64 3x3, 64 3x3, 128 3x3
 stride 2); primary capsules from one depthwise 9x9 convolution over the 128 maps, cut
 into 16 capsules of 8 dimensions and squashed with the paper's squash (its eq. 1);
-class capsules from them by self-attention routing (its eqs. 2-6; 10 capsules of 16
+class capsules from them by self-attention routing (its eqs. 5-7; 10 capsules of 16
 dimensions); the paper's decoder (512, 1024 ReLU, sigmoid). 161,824 trainable
-parameters without the decoder, the paper's "161K", some 50x fewer than CapsNet's.
+parameters without the decoder, the paper's "161K", some 42x fewer than CapsNet's 6.8M
+(1,573,168 with the decoder).
+
+Where this differs from the authors' code (EscVM/Efficient-CapsNet): the primary
+capsules' depthwise kernel is drawn He-normal (theirs: Keras's Glorot uniform), the
+decoder LeCun-normal (theirs: He normal, Glorot normal for its last layer), and the
+training data is this project's (`--recipe=efficient_capsnet` says how).
 
 Batch normalisation keeps running statistics, a 'batch_stats' collection beside
 'params': a training forward pass (`train=True`, with 'batch_stats' mutable)
 normalises by the batch's statistics and updates them; evaluation uses them.
 `capsjax.training` keeps them in `TrainState.model_state`, checkpoints them, and
 under `pmap` lets each device normalise by its share of the batch and averages the
-updated statistics over the devices every step, so that they stay equal.
+updated statistics over the devices every step, so that they stay equal. (Each
+device's batch statistics are then of its share alone: results depend somewhat on
+the number of devices, and the averaged variances leave out the spread between the
+devices' means.)
 
 Reference:
   V. Mazzia, F. Salvetti, M. Chiaberge. Efficient-CapsNet: capsule network with

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from capsjax import models
+from capsjax.errors import InputError
 from capsjax.training.config import TrainConfig
 
 LossFn = Callable[..., dict]
@@ -34,7 +35,8 @@ class TrainState(train_state.TrainState):
     `train_step` updates it from the loss's MODEL_STATE term.
   config: the run's `TrainConfig`.
   loss_fn: the per-example loss, (state, params, batch, train, rng) -> dict of
-    float32 [B] holding 'loss' (see `capsjax.tasks`).
+    float32 [B] holding 'loss' (see `capsjax.tasks`), and in training the forward
+    pass's updated model state as MODEL_STATE (`with_model_state`).
   """
   rng: jax.Array = None
   ema: optax.EmaState = None
@@ -73,6 +75,11 @@ def create_train_state(rng: jax.Array, config: TrainConfig, loss_fn: LossFn,
   params_key, state_key = jax.random.split(rng)
   variables = models.init_variables(model, params_key, config.model.image_shape)
   params = variables.pop('params')
+  if variables and config.optimizer.ema_decay:
+    # Its running statistics follow the trained weights, not their average.
+    raise InputError(f'--ema_decay={config.optimizer.ema_decay} with --model={config.model.name}: '
+                     "the moving average of the weights would be evaluated with the batch "
+                     "statistics of the trained weights; use --ema_decay=0 with this model.")
   state = TrainState.create(apply_fn=model.apply, params=params, model_state=variables,
                             tx=config.optimizer_transform(steps_per_epoch),
                             rng=state_key, config=config, loss_fn=loss_fn,

@@ -90,6 +90,11 @@ def train_step(state: TrainState, batch: dict, axis_name=None):
 
   def mean_loss(params):
     terms = dict(state.loss_fn(state, params, batch, True, dropout_key))
+    if state.model_state and MODEL_STATE not in terms:
+      # Else the statistics would stay at their initial values, silently.
+      raise InputError('the loss function returned no updated model state for a model that '
+                       'keeps one (batch statistics); return its terms through '
+                       'capsjax.training.state.with_model_state(terms, out).')
     model_state = terms.pop(MODEL_STATE, state.model_state)
     return jnp.mean(terms['loss']), (terms, model_state)
 

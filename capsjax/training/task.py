@@ -18,8 +18,9 @@ class Task:
     name: the data's name, recorded as run.json's 'dataset' ('mnist', 'expanded mnist').
     dataset: a `capsjax.data.Dataset` (uint8 images, int32 labels).
     loss_fn: the per-example loss, (state, params, batch, train, rng) -> dict of
-      float32 [B] holding 'loss' and 'accuracy' (see `capsjax.tasks`); run.json
-      records it by its __name__.
+      float32 [B] holding 'loss' and 'accuracy' (see `capsjax.tasks`), plus the
+      model's updated state where it keeps one (`capsjax.training.state.MODEL_STATE`);
+      run.json records it by its __name__.
     make_batch: builds a batch on the device from the dataset's arrays (see
       `capsjax.training.steps.pmap_steps`); its images are what the model sees.
     more_tests: name -> (uint8 images [N, H, W, C] of the model's input shape,
