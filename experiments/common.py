@@ -5,6 +5,7 @@ defined here once from the config's own fields (`capsjax.settings`), so a
 config and a command line say the same thing.
 """
 
+import datetime
 import os
 import shlex
 import sys
@@ -176,6 +177,27 @@ def train_or_read(config: TrainConfig, task, workdir: str, label: str) -> dict:
   say(f'== {label} ({workdir})')
   train_and_evaluate(config, task, workdir, log=say, progress=status)
   return finished_record(workdir, config.epochs)
+
+
+def study_settings(config: TrainConfig, dataset: data.Dataset, **specific) -> dict:
+  """What every run of a study trains with, for its JSON and its table's header.
+
+  Args:
+    config: the config the flags give (`config_from_flags`).
+    dataset: the `capsjax.data.Dataset` the runs train on.
+    **specific: the study's own settings, placed after 'dataset'.
+
+  Returns:
+    dict: dataset, the study's settings, epochs, train_examples, test_examples
+    (the counts used), batch_size, recipe, device and date.
+  """
+  device = jax.devices()[0]
+  return {'dataset': FLAGS.dataset, **specific, 'epochs': config.epochs,
+          'train_examples': config.data.train_examples or len(dataset.train_images),
+          'test_examples': config.data.test_examples or len(dataset.test_images),
+          'batch_size': config.batch_size, 'recipe': FLAGS.recipe,
+          'device': f'{jax.device_count()} x {device.platform} ({device.device_kind})',
+          'date': datetime.date.today().isoformat()}
 
 
 def load_data() -> data.Dataset:

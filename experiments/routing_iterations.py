@@ -19,7 +19,6 @@ routing_iterations.png: error per epoch of every run, and the logit changes.
 iterations update assignments, not logits b_ij, and no change is measured.
 """
 
-import datetime
 import functools
 import json
 import os
@@ -180,16 +179,10 @@ def markdown(runs: Sequence[dict], header: str) -> str:
 def study_settings(config: TrainConfig, dataset: Dataset,
                    iterations: Sequence[int]) -> Tuple[dict, str]:
   """What every run trained with (the flags with --recipe applied), and the table's header."""
-  device = jax.devices()[0]
-  train_examples = config.data.train_examples or len(dataset.train_images)
-  test_examples = config.data.test_examples or len(dataset.test_images)
-  settings = {'dataset': FLAGS.dataset, 'routing': config.model.routing,
-              'iterations': list(iterations), 'epochs': config.epochs,
-              'train_examples': train_examples, 'test_examples': test_examples,
-              'batch_size': config.batch_size, 'recipe': FLAGS.recipe,
-              'recon_weight': config.model.recon_weight,
-              'device': f'{jax.device_count()} x {device.platform} ({device.device_kind})',
-              'date': datetime.date.today().isoformat()}
+  settings = common.study_settings(config, dataset, routing=config.model.routing,
+                                   iterations=list(iterations),
+                                   recon_weight=config.model.recon_weight)
+  train_examples, test_examples = settings['train_examples'], settings['test_examples']
   header = (f'Routing iterations on {settings["dataset"]}: {config.model.routing} routing, '
             f'{config.epochs} epoch(s), {train_examples:,} training and {test_examples:,} test '
             f'images, batch {config.batch_size}, recipe {FLAGS.recipe}; {settings["device"]}, '

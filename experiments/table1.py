@@ -13,12 +13,10 @@ to every row, and the header says what the rows ran with.
 """
 
 import dataclasses
-import datetime
 import os
 from typing import Sequence, Tuple
 
 from absl import flags
-import jax
 import numpy as np
 
 from capsjax import files
@@ -108,14 +106,8 @@ def table_settings(config: TrainConfig, dataset: Dataset) -> Tuple[dict, str]:
   Returns:
     (settings dict for table1.json, header line).
   """
-  device = jax.devices()[0]
-  train_examples = config.data.train_examples or len(dataset.train_images)
-  test_examples = config.data.test_examples or len(dataset.test_images)
-  settings = {'dataset': FLAGS.dataset, 'seeds': FLAGS.seeds, 'epochs': config.epochs,
-              'train_examples': train_examples, 'test_examples': test_examples,
-              'batch_size': config.batch_size, 'recipe': FLAGS.recipe,
-              'device': f'{jax.device_count()} x {device.platform} ({device.device_kind})',
-              'date': datetime.date.today().isoformat()}
+  settings = common.study_settings(config, dataset, seeds=FLAGS.seeds)
+  train_examples, test_examples = settings['train_examples'], settings['test_examples']
   header = (f'Table 1 on {settings["dataset"]}: test error of the last epoch, '
             f'{settings["seeds"]} seed(s), {config.epochs} epoch(s), '
             f'{train_examples:,} training and {test_examples:,} test images, batch '

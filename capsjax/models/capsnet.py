@@ -106,12 +106,8 @@ class CapsNet(nn.Module):
     v = RoutedCapsules(self.num_classes, self.digit_dim, self.routing_iters,
                        self.stop_inner_gradient, dtype=self.dtype, routing=self.routing,
                        name='digit_caps')(u)
-    lengths = safe_norm(v.astype(jnp.float32))
-    reconstructions = None
-    if self.use_decoder:
-      decoder = Decoder(images.shape[1:], self.decoder_hidden, self.dtype, name='decoder')
-      reconstructions = decoder(v, decoder_mask(lengths, labels)).astype(jnp.float32)
-    return CapsNetOutput(v, lengths, reconstructions)
+    return class_capsule_outputs(v, images, labels, self.use_decoder, self.decoder_hidden,
+                                 self.dtype)
 
   def primary_grid(self, image_shape: Sequence[int]) -> Tuple[int, int, int]:
     """(height, width, types) of the PrimaryCaps map for images of `image_shape`.
@@ -122,6 +118,33 @@ class CapsNet(nn.Module):
     height, width = [output_size(output_size(size, self.conv_kernel, 1), self.primary_kernel,
                                  self.primary_strides) for size in image_shape[:2]]
     return height, width, self.primary_types
+
+
+def class_capsule_outputs(v: jax.Array, images: jax.Array, labels: Optional[jax.Array],
+                          use_decoder: bool, decoder_hidden: Sequence[int],
+                          dtype: Any) -> CapsNetOutput:
+  """A capsule network's output from its class capsules: lengths, and reconstructions.
+
+  Call it from a module's compact `__call__`: its decoder becomes that module's
+  submodule 'decoder'.
+
+  Args:
+    v: the class capsules [batch, num_classes, dim].
+    images: the input [batch, height, width, channels] (the decoder's output shape).
+    labels: what the decoder reconstructs from, see `CapsNet.__call__`.
+    use_decoder: build and run the decoder.
+    decoder_hidden: its hidden layer widths.
+    dtype: its compute dtype.
+
+  Returns:
+    A `CapsNetOutput` with float32 lengths and reconstructions (None without a decoder).
+  """
+  lengths = safe_norm(v.astype(jnp.float32))
+  reconstructions = None
+  if use_decoder:
+    decoder = Decoder(images.shape[1:], decoder_hidden, dtype, name='decoder')
+    reconstructions = decoder(v, decoder_mask(lengths, labels)).astype(jnp.float32)
+  return CapsNetOutput(v, lengths, reconstructions)
 
 
 def parameter_counts(params: Mapping[str, Any]) -> Dict[str, int]:

@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 
 from capsjax.errors import InputError
-from capsjax.models.capsnet import CapsNetOutput
+from capsjax.models.capsnet import CapsNetOutput, class_capsule_outputs
 from capsjax.nn.conv import depthwise_conv2d
-from capsjax.nn.layers import Conv2D, Decoder, RoutedCapsules, check_images, decoder_mask
-from capsjax.nn.ops import efficient_squash, safe_norm
+from capsjax.nn.layers import Conv2D, RoutedCapsules, check_images
+from capsjax.nn.ops import efficient_squash
 
 # (features, kernel, stride) of the four convolutions.
 CONVOLUTIONS = ((32, 5, 1), (64, 3, 1), (64, 3, 1), (128, 3, 2))
@@ -112,10 +112,6 @@ class EfficientCapsNet(nn.Module):
                        weight_stddev=math.sqrt(2 / (self.num_classes * self.digit_dim
                                                     * self.primary_dim)),
                        dtype=self.dtype, name='digit_caps')(u)
-    lengths = safe_norm(v.astype(jnp.float32))
-    reconstructions = None
-    if self.use_decoder:
-      decoder = Decoder(images.shape[1:], self.decoder_hidden, self.dtype, name='decoder')
-      reconstructions = decoder(v, decoder_mask(lengths, labels)).astype(jnp.float32)
-    return CapsNetOutput(v, lengths, reconstructions)
+    return class_capsule_outputs(v, images, labels, self.use_decoder, self.decoder_hidden,
+                                 self.dtype)
 
