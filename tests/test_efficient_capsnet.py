@@ -157,3 +157,9 @@ def test_a_loss_that_drops_the_statistics_is_refused():
   batch = {'image': images(4), 'label': jnp.arange(4, dtype=jnp.int32)}
   with pytest.raises(InputError, match='returned no updated model state'):
     jax.eval_shape(train_step, state, batch)
+
+
+def test_images_too_small_for_the_layers_are_one_clear_error():
+  with pytest.raises(InputError, match=r'^Efficient-CapsNet needs images of at least 27x27 .* '
+                                       r'got images of shape \(1, 20, 20, 1\)'):
+    init_variables(EfficientCapsNet(), jax.random.PRNGKey(0), (20, 20, 1))
