@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import data, models, settings, visualize
+from capsjax import data, models, pretrained, settings, tasks, visualize
 from capsjax.analysis import evaluate
 from capsjax.errors import InputError
 from capsjax.training import (
@@ -68,6 +68,10 @@ flags.DEFINE_string('data_dir', None,
 flags.DEFINE_enum('dataset', 'mnist', sorted(data.DATASETS), 'Dataset.')
 flags.DEFINE_string('workdir', None, "The run's folder: run.json, metrics, checkpoints, pictures.")
 flags.DEFINE_bool('eval_only', False, 'Evaluate the latest checkpoint in --workdir and stop.')
+flags.DEFINE_bool('pretrained', False,
+                  'Use the weights shipped with capsjax for --dataset (capsjax.pretrained) '
+                  'instead of a run in --workdir: with --eval_only or --eval_file '
+                  '(experiments.mnist) and in experiments.dimensions.')
 flags.DEFINE_string('eval_file', None,
                     'Evaluate the latest checkpoint in --workdir on this .npz (image uint8 '
                     '[N, H, W] or [N, H, W, C], label int [N]), print its accuracy, write it to '
@@ -200,15 +204,49 @@ def study_settings(config: TrainConfig, dataset: data.Dataset, **specific) -> di
           'date': datetime.date.today().isoformat()}
 
 
+def trained_run():
+  """(config, state, identity) of the shipped weights (--pretrained) or of the run in --workdir.
+
+  See `capsjax.tasks.load_run` and `capsjax.pretrained.load_run`.
+  """
+  if FLAGS.pretrained:
+    return pretrained.load_run(FLAGS.dataset)
+  if not FLAGS.workdir:
+    raise InputError('give --workdir, the folder of a trained run, or --pretrained for the '
+                     'shipped weights.')
+  return tasks.load_run(FLAGS.workdir)
+
+
+def output_folder(name: str) -> str:
+  """Where a command that reads a trained run writes: --workdir, or with --pretrained and no
+  --workdir given, runs/pretrained-<name> (made if missing)."""
+  if FLAGS.pretrained and not FLAGS['workdir'].present:
+    folder = os.path.join('runs', f'pretrained-{name}')
+    try:
+      os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+      raise InputError(f'cannot make {folder} ({e.strerror}); give --workdir, a folder to '
+                       f'write into.') from None
+    return folder
+  return FLAGS.workdir
+
+
 def load_data() -> data.Dataset:
   """The dataset --dataset and --data_dir name (see `capsjax.data.load_dataset`)."""
   return data.load_dataset(FLAGS.dataset, FLAGS.data_dir, log=say)
 
 
-def run_main(body):
+def _module_name() -> str:
+  """The running experiment as `python -m` names it: 'experiments.mnist'."""
+  return os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, '.')
+
+
+def run_main(body, pretrained_ok: bool = False):
   """absl main for an experiment: set up the process, run `body()`, report input errors.
 
-  With --eval_file, the run in --workdir is evaluated on that file instead of `body()`.
+  With --eval_file, the run in --workdir (or with --pretrained, the shipped
+  weights) is evaluated on that file instead of `body()`. --pretrained is
+  refused unless `pretrained_ok` (the experiments that have shipped weights).
 
   Set-up is joining the run's other processes (see `capsjax.training.distributed`),
   or for a single process a restart onto huge pages (see `experiments.runtime`).
@@ -227,8 +265,12 @@ def run_main(body):
       runtime.restart_with_huge_pages()
     try:
       distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+      if FLAGS.pretrained and not pretrained_ok:
+        raise InputError(f'--pretrained: there are no shipped weights for {_module_name()}; '
+                         f'use it with experiments.mnist or experiments.dimensions.')
       if FLAGS.eval_file:
-        evaluate.evaluate_file(FLAGS.workdir, FLAGS.eval_file, log=say)
+        evaluate.evaluate_file(output_folder(FLAGS.dataset), FLAGS.eval_file, log=say,
+                               run=trained_run())
       else:
         body()
     except InputError as e:
@@ -236,8 +278,8 @@ def run_main(body):
     except stopping.Stopped as e:
       end_status_line()
       if is_writer():
-        module = os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, '.')
-        print(f'{e}\n  resume: python -m {module} {shlex.join(sys.argv[1:])}', file=sys.stderr,
+        print(f'{e}\n  resume: python -m {_module_name()} {shlex.join(sys.argv[1:])}',
+              file=sys.stderr,
               flush=True)
       sys.exit(e.exit_status)
 

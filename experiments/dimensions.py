@@ -1,6 +1,7 @@
 """What each dimension of a class capsule encodes (Figure 4), and where routing sends evidence.
 
     python -m experiments.dimensions --workdir=runs/mnist --data_dir=PATH/TO/mnist
+    python -m experiments.dimensions --pretrained   # shipped weights; into runs/pretrained-mnist
 
 Loads the latest checkpoint of a trained CapsNet run and, for the first
 --digits test digits, adds -0.25, -0.20, ..., +0.25 to each of the 16
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capsjax import data, models, tasks, visualize
+from capsjax import data, models, visualize
 from capsjax.analysis import interpret
 from capsjax.errors import InputError
 from capsjax.training import TrainConfig, evaluation_params
@@ -77,24 +78,25 @@ def draw(config: TrainConfig, params: Mapping[str, Any], images: jax.Array, labe
 
 
 def main() -> None:
-  if FLAGS.workdir is None:
-    raise InputError('--workdir is required: the folder of a trained CapsNet run (with a decoder).')
-  config, state, identity = tasks.load_run(FLAGS.workdir)
-  check_decoder(config, FLAGS.workdir)  # before the data is loaded
+  config, state, identity = common.trained_run()
+  source = identity['checkpoint'] if FLAGS.pretrained else FLAGS.workdir
+  check_decoder(config, source)  # before the data is loaded
+  folder = common.output_folder(identity['dataset'])
   dataset = data.load_dataset(identity['dataset'], FLAGS.data_dir, log=common.say)
   labels = dataset.test_labels[:FLAGS.digits]
   images = jnp.asarray(dataset.test_images[:FLAGS.digits], jnp.float32) / 255.0
   if not common.is_writer():
     return
+  where = identity['checkpoint'] if FLAGS.pretrained else f'{folder}, {identity["checkpoint"]}'
   try:
-    sheet, figure, predictions = draw(config, evaluation_params(state), images, labels,
-                                      FLAGS.workdir, f'{FLAGS.workdir}, {identity["checkpoint"]}')
+    sheet, figure, predictions = draw(config, evaluation_params(state), images, labels, folder,
+                                      where)
   except OSError as e:  # a run one may read but not write
-    raise InputError(f'could not write the pictures into {FLAGS.workdir} ({e.strerror}); copy the '
+    raise InputError(f'could not write the pictures into {folder} ({e.strerror}); copy the '
                      f'run to a folder you can write and pass that as --workdir.') from None
   common.say(f'Wrote {sheet} and {figure} for {FLAGS.digits} test digits '
              f'({int(np.sum(predictions == labels))} predicted right).')
 
 
 if __name__ == '__main__':
-  common.run_main(main)
+  common.run_main(main, pretrained_ok=True)

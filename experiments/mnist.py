@@ -1,6 +1,7 @@
 """Train and evaluate the paper's MNIST CapsNet, or its baseline CNN (--model=baseline).
 
     python -m experiments.mnist --routing_iters=3 --data_dir=PATH/TO/mnist
+    python -m experiments.mnist --pretrained --eval_only   # shipped weights (capsjax.pretrained)
 
 This module declares the experiment: MNIST-format data, the classification
 loss and the reconstruction picture; `capsjax.training.train_and_evaluate` does
@@ -17,8 +18,10 @@ from absl import flags
 
 from capsjax import models
 from capsjax.data import Dataset
+from capsjax.errors import InputError
 from capsjax.tasks import classification_losses
 from capsjax.training import Task, TrainConfig, train_and_evaluate
+from capsjax.training.loop import evaluate_state
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -44,7 +47,29 @@ def mnist_task(config: TrainConfig, dataset: Dataset, workdir: str) -> Task:
               pictures=pictures)
 
 
+def evaluate_pretrained(run: tuple, dataset: Dataset) -> dict:
+  """--pretrained --eval_only: the accuracy of the shipped weights `run` (config, state,
+  identity) on `dataset`'s test split (its first --test_examples if given)."""
+  config, state, identity = run
+  if FLAGS['test_examples'].present:
+    config = TrainConfig.from_flat({**config.flat(), 'test_examples': FLAGS.test_examples})
+  record = evaluate_state(config, Task(name=FLAGS.dataset, dataset=dataset,
+                                       loss_fn=classification_losses), state)
+  common.say(f'Test accuracy {100 * record["test_accuracy"]:.2f}%, test error '
+             f'{100 * record["test_error"]:.2f}% on '
+             f'{config.data.test_examples or len(dataset.test_images)} images, '
+             f'{identity["checkpoint"]}.')
+  return record
+
+
 def main():
+  if FLAGS.pretrained and not FLAGS.eval_only:
+    raise InputError('--pretrained evaluates the shipped weights: add --eval_only (or '
+                     '--eval_file=FILE.npz); training starts from scratch without --pretrained.')
+  if FLAGS.pretrained:
+    run = common.trained_run()  # before the data: a dataset without weights fails at once
+    evaluate_pretrained(run, common.load_data())
+    return
   dataset = common.load_data()
   config = common.config_from_flags(dataset)
   train_and_evaluate(config, mnist_task(config, dataset, FLAGS.workdir), FLAGS.workdir,
@@ -53,4 +78,4 @@ def main():
 
 
 if __name__ == '__main__':
-  common.run_main(main)
+  common.run_main(main, pretrained_ok=True)

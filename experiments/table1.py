@@ -12,7 +12,6 @@ the paper's, parameter counts, epochs, wall time and device. Every other flag
 to every row, and the header says what the rows ran with.
 """
 
-import dataclasses
 import os
 from typing import Sequence, Tuple
 
@@ -25,30 +24,11 @@ from capsjax.errors import InputError
 from capsjax.training import TrainConfig
 from capsjax.training.rundir import METRICS_FILE, read_metrics
 from experiments import common, mnist
+from experiments.paper import ROWS, Row
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('seeds', 3, 'Runs per row, with seeds 0..N-1.', lower_bound=1)
 FLAGS.set_default('workdir', 'runs/table1')
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-  """One row of Table 1: the settings it overrides and the paper's figure (MNIST test error %)."""
-  name: str
-  settings: dict
-  paper_error: float
-  paper_std: float = None
-
-
-ROWS = (
-    Row('baseline', {'model': 'baseline'}, 0.39),
-    Row('capsnet_r1', {'model': 'capsnet', 'routing_iters': 1, 'recon_weight': 0.0}, 0.34, 0.032),
-    Row('capsnet_r1_recon', {'model': 'capsnet', 'routing_iters': 1, 'recon_weight': 0.0005},
-        0.29, 0.011),
-    Row('capsnet_r3', {'model': 'capsnet', 'routing_iters': 3, 'recon_weight': 0.0}, 0.35, 0.036),
-    Row('capsnet_r3_recon', {'model': 'capsnet', 'routing_iters': 3, 'recon_weight': 0.0005},
-        0.25, 0.005),
-)
 
 
 def describe(row: Row) -> Tuple[str, str, str]:

@@ -8,7 +8,7 @@ Every experiment takes such a file as --eval_file (see `experiments.common`).
 
 import datetime
 import os
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 import zipfile
 
 import jax
@@ -106,7 +106,8 @@ def result_path(workdir: str, path: str) -> str:
   return os.path.join(workdir, f'eval_{os.path.splitext(os.path.basename(path))[0]}.json')
 
 
-def evaluate_file(workdir: str, path: str, log: Callable[[str], None] = print) -> Dict[str, Any]:
+def evaluate_file(workdir: str, path: str, log: Callable[[str], None] = print,
+                  run: Optional[tuple] = None) -> Dict[str, Any]:
   """Evaluate the latest checkpoint of the run in `workdir` on the examples in `path`.
 
   The run's own loss function scores them, at `evaluation_params` (the
@@ -114,15 +115,17 @@ def evaluate_file(workdir: str, path: str, log: Callable[[str], None] = print) -
   written to `result_path(workdir, path)`; nothing is written if anything fails.
 
   Args:
-    workdir: a trained run's folder.
+    workdir: a trained run's folder, or with `run`, the folder the result goes to.
     path: an .npz evaluation file (see the module docstring).
     log: called with the result line.
+    run: (config, state, identity) to evaluate instead of the run in `workdir`,
+      as `capsjax.tasks.load_run` or `capsjax.pretrained.load_run` return them.
 
   Returns:
     dict: 'file', 'file_sha256', 'examples', 'epoch', 'step', and the mean of
     every term of the loss ('accuracy', 'loss', ...), 'error'.
   """
-  config, state, identity = tasks.load_run(workdir)
+  config, state, identity = run or tasks.load_run(workdir)
   arrays = read_eval_file(path, config, tasks.EXTRA_ARRAYS.get(identity['loss'], ()),
                           tasks.LABEL_SHAPES.get(identity['loss'], ()))
   labels = arrays.pop('label')
@@ -134,7 +137,8 @@ def evaluate_file(workdir: str, path: str, log: Callable[[str], None] = print) -
                         put(jnp.asarray(labels)), count, batch_size)
   result = {'file': os.path.abspath(path), 'file_sha256': files.file_sha256(path),
             'examples': count,
-            'workdir': os.path.abspath(workdir), 'epoch': identity['epoch'],
+            'workdir': os.path.abspath(workdir), 'checkpoint': identity['checkpoint'],
+            'epoch': identity['epoch'],
             'step': int(state.step), **means, 'error': 1.0 - means['accuracy'],
             'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
   out = result_path(workdir, path)
@@ -145,5 +149,6 @@ def evaluate_file(workdir: str, path: str, log: Callable[[str], None] = print) -
     except OSError as e:  # a run one may read but not write: the result still counts
       wrote = f'could not write {out} ({e.strerror})'
   log(f'{path}: accuracy {100 * means["accuracy"]:.2f}% (error {100 * result["error"]:.2f}%) '
-      f'on {count} examples, checkpoint of {identity["checkpoint"]} of {workdir}; {wrote}.')
+      f'on {count} examples, {"" if run else "checkpoint of "}{identity["checkpoint"]}'
+      f'{"" if run else " of " + workdir}; {wrote}.')
   return result

@@ -472,6 +472,24 @@ def _evaluate_checkpoint(config, task, workdir, splits, identity, state, log) ->
   return record
 
 
+def evaluate_state(config: TrainConfig, task: Task, state) -> Dict[str, float]:
+  """The held-out splits' metrics of a trained state, over every device; writes nothing.
+
+  Args:
+    config: the `TrainConfig` the state was trained with (its data settings
+      choose the splits).
+    task: the `Task` whose splits and loss evaluate it.
+    state: a single-device `TrainState`.
+
+  Returns:
+    dict: '{split}_{term}' means and '{split}_error' for the test split, the
+    validation split if the config holds one out, and the task's further tests.
+  """
+  splits = Splits(config, task, eval_only=True)
+  splits.put_on_devices()
+  return splits.evaluate(steps.replicate(state))
+
+
 def _final_line(record, splits, where: Progress, log):
   log(f'Test accuracy {100 * record["test_accuracy"]:.2f}%, test error '
       f'{100 * record["test_error"]:.2f}% on {splits.counts["test_examples"]} images after '
