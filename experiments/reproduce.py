@@ -11,9 +11,10 @@ Parts, in this order (--only picks some):
               epochs and seeds (its 3-iteration reconstruction row is the mnist part's runs)
   multimnist  the paper's CapsNet on MultiMNIST, --multimnist_epochs epochs of 60,000
               new pairs (the paper: 60M pairs, 5.0% error)
-  affine      CapsNet and the baseline on expanded MNIST, --affine_epochs epochs with
-              5,000 training digits held out, then compared on affine digits at each
-              one's best validation epoch (the paper: 79% against 66% on affNIST)
+  affine      CapsNet and the baseline on expanded MNIST with 5,000 training digits held
+              out, each until its validation accuracy passes 99.0% (at most
+              --affine_epochs epochs), then compared on affine digits at each one's best
+              validation epoch (the paper: 79% against 66% on affNIST)
 Each part is its experiment's own command (printed before it runs) in a folder of
 --workdir, so a stopped reproduction resumes where it stopped and a finished run is
 read back. First, one training step of each model is timed on this device
@@ -49,13 +50,16 @@ FLAGS.set_default('workdir', 'runs/reproduce')
 PARTS = ('mnist', 'table1', 'multimnist', 'affine')
 flags.DEFINE_list('only', list(PARTS), f'Parts to run, in the order {", ".join(PARTS)}.')
 flags.DEFINE_integer('multimnist_epochs', 50, 'Epochs of the MultiMNIST run.', lower_bound=1)
-flags.DEFINE_integer('affine_epochs', 50, 'Epochs of each affine run.', lower_bound=1)
+flags.DEFINE_integer('affine_epochs', 50, 'Most epochs of each affine run.', lower_bound=1)
 flags.DEFINE_bool('estimate_only', False, 'Print the time each part needs here and stop.')
 # Given to every run, or set by each run itself: not passed on.
 OWN_FLAGS = ('epochs', 'seed', 'seeds', 'workdir', 'data_dir', 'model', 'routing_iters',
-             'recon_weight', 'validation_examples')
+             'recon_weight', 'validation_examples', 'stop_at_validation_accuracy')
 
 MNIST_TRAIN, MNIST_TEST, HELD_OUT = 60000, 10000, 5000
+# The paper compared the two at about 99.2% on expanded MNIST; each affine run trains
+# until its validation accuracy passes this, or for --affine_epochs.
+AFFINE_TARGET = 0.99
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +118,9 @@ def runs_of(part: str, workdir: str, plan: Plan) -> List[Run]:
                 'capsnet r3 36')]
   return [Run('experiments.affine', [*plan.passed, f'--model={model}',
                                      f'--epochs={plan.affine_epochs}',
-                                     f'--validation_examples={HELD_OUT}', '--seed=0'],
+                                     f'--validation_examples={HELD_OUT}',
+                                     f'--stop_at_validation_accuracy={AFFINE_TARGET}',
+                                     '--seed=0'],
               os.path.join(workdir, f'affine_{model}'), plan.affine_epochs,
               plan.examples(MNIST_TRAIN - HELD_OUT),
               f'{model}{" r3" if model == "capsnet" else ""} 40')

@@ -43,7 +43,8 @@ def test_an_old_flat_run_json_builds_the_nested_config_and_records_the_same():
   flat = config.flat()
   recorded = {k: v for k, v in flat.items()
               if k not in ('train_examples', 'validation_examples', 'test_examples')}
-  assert recorded.pop('routing') == 'dynamic'  # a setting added since: its default
+  assert recorded.pop('routing') == 'dynamic'  # settings added since: their defaults
+  assert recorded.pop('stop_at_validation_accuracy') == 0.0
   assert {**recorded, 'image_shape': list(flat['image_shape'])} == OLD_RUN_SETTINGS
 
 

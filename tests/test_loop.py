@@ -506,3 +506,32 @@ def test_load_run_needs_a_loss_of_ones_own_given(workdir):
     tasks.load_run(workdir)
   _, given, _ = tasks.load_run(workdir, classification_losses)
   jax.tree.map(np.testing.assert_array_equal, found.params, given.params)
+
+
+def test_a_run_ends_at_its_validation_target_and_resumes_past_it_only_if_raised(dataset, tmp_path):
+  config = CONFIG.replace(validation_examples=16, epochs=2)
+  free = loop.train_and_evaluate(config, mnist_task(dataset), str(tmp_path / 'free'),
+                                 log=lambda _: None)
+  accuracies = [r['validation_accuracy'] for r in rundir.read_metrics(
+      str(tmp_path / 'free' / rundir.METRICS_FILE))]
+  target = max(accuracies)
+  assert target > 0 and free['epoch'] == 2
+  first = accuracies.index(target) + 1  # the first epoch that reaches it
+  workdir, lines = str(tmp_path / 'run'), []
+  record = loop.train_and_evaluate(config.replace(stop_at_validation_accuracy=target),
+                                   mnist_task(dataset), workdir, log=lines.append)
+  assert record['epoch'] == first and record['validation_accuracy'] == target
+  assert f'training ends after epoch {first}.' in lines[-2]
+  assert len(rundir.read_metrics(os.path.join(workdir, rundir.METRICS_FILE))) == first
+  # The same command again trains nothing; a higher target trains on, as a resume may.
+  lines.clear()
+  again = loop.train_and_evaluate(config.replace(stop_at_validation_accuracy=target),
+                                  mnist_task(dataset), workdir, log=lines.append)
+  assert any('it trains no further' in line for line in lines) and again['epoch'] == first
+  assert len(rundir.read_metrics(os.path.join(workdir, rundir.METRICS_FILE))) == first
+  raised = loop.train_and_evaluate(config.replace(stop_at_validation_accuracy=1.0),
+                                   mnist_task(dataset), workdir, log=lambda _: None)
+  assert raised['epoch'] == 2 or raised['validation_accuracy'] == 1.0
+  with pytest.raises(InputError, match='needs a validation split to measure; add '
+                                       '--validation_examples=5000'):
+    TrainConfig.create(stop_at_validation_accuracy=0.99)

@@ -96,8 +96,8 @@ def test_cosine_schedule_warms_up_then_decays_to_zero_at_the_runs_end():
     assert float(schedule(step)) == pytest.approx(expected(step), rel=1e-5, abs=1e-12), step
   with pytest.raises(InputError, match='steps per epoch'):
     config.learning_rate_schedule()
-  assert config.resumable_settings() == ()
-  assert TrainConfig().resumable_settings() == ('epochs',)
+  assert config.resumable_settings() == ('stop_at_validation_accuracy',)
+  assert TrainConfig().resumable_settings() == ('epochs', 'stop_at_validation_accuracy')
 
 
 def test_evaluated_weights_are_optaxs_ema_of_the_trained_weights():
@@ -208,7 +208,7 @@ def test_a_cosine_ema_run_never_trains_on_its_validation_split(marked_dataset, t
 
   # Its schedule spans the two epochs: a resume that asks for more is refused.
   longer = config.replace(epochs=3)
-  with pytest.raises(InputError, match=r'epochs: saved 2, now 3[\s\S]*not even epochs'):
+  with pytest.raises(InputError, match=r'epochs: saved 2, now 3[\s\S]*spans the run, so epochs may not'):
     loop.train_and_evaluate(longer, mnist_task(marked_dataset), workdir, log=lambda _: None)
 
 

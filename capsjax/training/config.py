@@ -95,9 +95,15 @@ class TrainConfig:
   batch_size: int = setting(128, 'Global batch size, split evenly over the devices.', lower=1)
   seed: int = setting(0, 'Seed for the initialisation, order and shifts.', lower=0,
                       upper=2**32 - 1)
+  stop_at_validation_accuracy: float = setting(
+      0.0, 'End training after the first epoch whose validation accuracy reaches this fraction, '
+      'e.g. 0.99 (needs --validation_examples; 0: train all --epochs).', lower=0, upper=1)
 
   def __post_init__(self):
     settings.validate(self)
+    if self.stop_at_validation_accuracy and not self.data.validation_examples:
+      raise InputError(f'--stop_at_validation_accuracy={self.stop_at_validation_accuracy:g} '
+                       f'needs a validation split to measure; add --validation_examples=5000.')
 
   @classmethod
   def create(cls, **flat_values) -> 'TrainConfig':
@@ -154,9 +160,11 @@ class TrainConfig:
                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
 
   def resumable_settings(self) -> tuple:
-    """Names of the settings a resume of this run may change: `epochs`, unless the
-    learning rate schedule is fitted to the run's length."""
-    return ('epochs',) if self.optimizer.lr_schedule == 'exponential' else ()
+    """Names of the settings a resume of this run may change, those that say how long it
+    trains: `epochs` (unless the learning rate schedule is fitted to the run's length)
+    and `stop_at_validation_accuracy`."""
+    longer = ('epochs',) if self.optimizer.lr_schedule == 'exponential' else ()
+    return (*longer, 'stop_at_validation_accuracy')
 
 
 # Named recipes: settings each sets, by flag name (flags given explicitly win).

@@ -544,6 +544,13 @@ def _train(config, task, workdir, splits, identity, state, checkpointer, stops, 
 
   record = None
   first_epoch = where.epoch + 1 if where.epoch_done else where.epoch
+  target = config.stop_at_validation_accuracy
+  # A run that reached its target before a stop (or a rerun) trains no further.
+  reached = target and stopping.any_process(
+      writer and any(r.get('validation_accuracy', 0) >= target for r in metrics_log.records))[0]
+  if reached:
+    log(f'The run reached --stop_at_validation_accuracy={target:g} before; it trains no further.')
+    first_epoch = last_epoch + 1
   run_started = time.perf_counter()
   for epoch in range(first_epoch, last_epoch + 1):
     epoch_progress = where if where.epoch == epoch and not where.epoch_done else Progress(
@@ -587,6 +594,10 @@ def _train(config, task, workdir, splits, identity, state, checkpointer, stops, 
     if stopping.any_process(stops.signal_number is not None)[0]:
       stop_now(epoch_progress)
     where = epoch_progress
+    if target and record['validation_accuracy'] >= target:
+      log(f'Validation accuracy {100 * record["validation_accuracy"]:.2f}% reached '
+          f'--stop_at_validation_accuracy={target:g}: training ends after epoch {epoch}.')
+      break
 
   if record is None:  # nothing left to train: evaluate the checkpoint
     record = {'epoch': where.epoch, 'step': int(state.step), **splits.evaluate(replicated)}

@@ -95,8 +95,9 @@ def check_resumable(saved: dict, current: dict, workdir: str, resumable=('epochs
                  for name in names
                  if name not in resumable and saved.get(name) != current.get(name)]
   if differences:
-    may_change = (f'{", ".join(resumable)} may change on resume' if resumable else
-                  'its learning rate schedule spans the run, so not even epochs may change')
+    may_change = f'{", ".join(resumable) or "nothing"} may change on resume'
+    if 'epochs' not in resumable:
+      may_change += '; its learning rate schedule spans the run, so epochs may not'
     raise InputError(
         f'{workdir} holds a run made with other settings, which a resume would mix up:\n'
         + '\n'.join(differences) +
