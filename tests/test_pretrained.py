@@ -28,22 +28,20 @@ def _run(*args, cwd=REPO):
                         timeout=600, env={**os.environ, 'PYTHONPATH': str(REPO)})
 
 
-def test_shipped_mnist_weights_are_the_recorded_bytes_and_classify_the_first_1000_test_digits():
+def test_shipped_mnist_weights_load_as_a_capsnet_that_classifies_test_digits():
   path = pretrained.shipped_path('mnist')  # checks the sha256
   assert os.path.getsize(path) <= pretrained.MAX_BYTES
   assert files.file_sha256(path) == pretrained.SHIPPED['mnist'].sha256
   _, identity, about = pretrained.read(path)
+  assert identity['dataset'] == 'mnist' and about['test_accuracy'] >= 0.99
   model, params = pretrained.load('mnist')
   dataset = load_dataset('mnist', find_mnist())
-  images = jnp.asarray(dataset.test_images[:FIRST], jnp.float32) / 255.0
-  lengths = np.concatenate([np.asarray(model.apply({'params': params}, images[n:n + 250]).lengths)
-                            for n in range(0, FIRST, 250)])
-  accuracy = np.mean(lengths.argmax(-1) == dataset.test_labels[:FIRST])
-  # The exporter measured it through the training loop's evaluation (maybe on
-  # another device): one digit's difference at most.
-  assert abs(accuracy - about[f'first_{FIRST}_test_accuracy']) <= 1 / FIRST
-  assert accuracy >= 0.99
-  assert about['test_accuracy'] >= 0.99 and identity['dataset'] == 'mnist'
+  # Straight through the module (the command-line test below goes through the training
+  # loop's evaluation): 250 digits, of which 99% or more are right.
+  images = jnp.asarray(dataset.test_images[-250:], jnp.float32) / 255.0
+  lengths = np.asarray(model.apply({'params': params}, images).lengths)
+  assert lengths.shape == (250, 10)
+  assert np.mean(lengths.argmax(-1) == dataset.test_labels[-250:]) >= 0.99
 
 
 def test_weights_file_stores_bfloat16_rounded_to_nearest_even_and_float32_exactly(tmp_path):
@@ -98,8 +96,10 @@ def test_command_line_evaluates_the_shipped_weights_and_refuses_what_it_cannot_d
   proc = _run('experiments.mnist', '--pretrained', '--eval_only', f'--test_examples={FIRST}',
               f'--data_dir={data_dir}')
   assert proc.returncode == 0, proc.stderr
+  # The shipped file's accuracy on the first 1,000 test digits, as the exporter measured it.
   line = [line for line in proc.stdout.splitlines() if line.startswith('Test accuracy')]
   assert line and f'{100 * about[f"first_{FIRST}_test_accuracy"]:.2f}%' in line[0]
+  assert about[f'first_{FIRST}_test_accuracy'] >= 0.99
   assert f'on {FIRST} images, the shipped weights' in line[0]
   for args, message in (
       (('experiments.mnist', '--pretrained'), '--pretrained evaluates the shipped weights: add '

@@ -208,7 +208,8 @@ def test_a_cosine_ema_run_never_trains_on_its_validation_split(marked_dataset, t
 
   # Its schedule spans the two epochs: a resume that asks for more is refused.
   longer = config.replace(epochs=3)
-  with pytest.raises(InputError, match=r'epochs: saved 2, now 3[\s\S]*spans the run, so epochs may not'):
+  with pytest.raises(InputError,
+                     match=r'epochs: saved 2, now 3[\s\S]*spans the run, so epochs may not'):
     loop.train_and_evaluate(longer, mnist_task(marked_dataset), workdir, log=lambda _: None)
 
 
