@@ -1,14 +1,17 @@
-"""experiments.reproduce: its plan, its time estimate and its results table, without training."""
+"""experiments.reproduce: its plan, its time estimate and its results table, without training.
+
+`experiments.reproduction` is imported here; the command's flags (`experiments.common`'s)
+would clash with `experiments.benchmark`'s in one process, so it runs in subprocesses.
+"""
 
 import json
 import os
 import subprocess
 import sys
 
-from absl import flags
 import pytest
 
-from experiments import reproduce
+from experiments import reproduction as reproduce
 from experiments.paper import ROWS
 from tests.conftest import REPO
 
@@ -77,13 +80,20 @@ def test_results_table_reads_each_runs_files(tmp_path):
   assert saved['rows'][0]['runs'] == [r.workdir for r in mnist]
 
 
+PASSED_SCRIPT = """
+import sys
+from experiments import reproduce
+reproduce.FLAGS(['reproduce', *sys.argv[1:]])
+print(list(reproduce.passed_flags()))
+"""
+
+
 def test_passed_flags_are_the_training_flags_given_less_those_each_run_sets():
-  try:
-    flags.FLAGS(['reproduce', '--dtype=bfloat16', '--recipe=fast', '--epochs=3', '--seeds=1',
-                 '--ema_decay=0.5'])
-    assert reproduce.passed_flags() == ('--dtype=bfloat16', '--ema_decay=0.5', '--recipe=fast')
-  finally:
-    flags.FLAGS.unparse_flags()
+  proc = subprocess.run([sys.executable, '-c', PASSED_SCRIPT, '--dtype=bfloat16', '--recipe=fast',
+                         '--epochs=3', '--seeds=1', '--ema_decay=0.5', '--only=mnist'],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == "['--dtype=bfloat16', '--ema_decay=0.5', '--recipe=fast']"
 
 
 def test_an_unknown_part_is_one_line_and_nothing_runs(tmp_path):
