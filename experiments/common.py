@@ -218,17 +218,22 @@ def trained_run():
 
 
 def output_folder(name: str) -> str:
-  """Where a command that reads a trained run writes: --workdir, or with --pretrained and no
-  --workdir given, runs/pretrained-<name> (made if missing)."""
-  if FLAGS.pretrained and not FLAGS['workdir'].present:
-    folder = os.path.join('runs', f'pretrained-{name}')
-    try:
-      os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-      raise InputError(f'cannot make {folder} ({e.strerror}); give --workdir, a folder to '
-                       f'write into.') from None
-    return folder
-  return FLAGS.workdir
+  """Where a command that reads a trained run writes: --workdir; with --pretrained, the
+  --workdir given (made if missing, refused if it holds a run, whose own results the
+  shipped weights' would overwrite) or else runs/pretrained-<name>."""
+  if not FLAGS.pretrained:
+    return FLAGS.workdir
+  folder = FLAGS.workdir if FLAGS['workdir'].present else os.path.join('runs',
+                                                                       f'pretrained-{name}')
+  if os.path.exists(os.path.join(folder, rundir.RUN_FILE)):
+    raise InputError(f'--workdir={folder} holds a trained run, whose results the shipped '
+                     f'weights\' would overwrite; give --pretrained another --workdir.')
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise InputError(f'cannot make {folder} ({e.strerror}); give --workdir, a folder to '
+                     f'write into.') from None
+  return folder
 
 
 def load_data() -> data.Dataset:
@@ -269,8 +274,8 @@ def run_main(body, pretrained_ok: bool = False):
         raise InputError(f'--pretrained: there are no shipped weights for {_module_name()}; '
                          f'use it with experiments.mnist or experiments.dimensions.')
       if FLAGS.eval_file:
-        evaluate.evaluate_file(output_folder(FLAGS.dataset), FLAGS.eval_file, log=say,
-                               run=trained_run())
+        run = trained_run()  # first: shipped weights that are missing fail before anything
+        evaluate.evaluate_file(output_folder(FLAGS.dataset), FLAGS.eval_file, log=say, run=run)
       else:
         body()
     except InputError as e:

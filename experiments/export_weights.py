@@ -53,7 +53,14 @@ def main():
   if state.model_state:
     raise InputError(f'{FLAGS.workdir}: a {config.model.name} keeps batch statistics, which '
                      f'weights files do not hold; export a CapsNet or the baseline.')
+  if identity['loss'] != 'classification_losses':
+    raise InputError(f'{FLAGS.workdir}: a run of {identity["loss"]}; weights files are made '
+                     f'of MNIST-format classification runs (experiments.mnist, table1).')
   dataset = data.load_dataset(identity['dataset'], FLAGS.data_dir, log=common.say)
+  if tuple(config.model.image_shape) != dataset.train_images.shape[1:]:
+    raise InputError(f'{FLAGS.workdir}: trained on {tuple(config.model.image_shape)} images, '
+                     f'not the dataset\'s own {dataset.train_images.shape[1:]} (an affine or '
+                     f'MultiMNIST run); export runs of experiments.mnist or table1.')
   params = jax.device_get(evaluation_params(state))
   float32_bytes = sum(np.asarray(p).size * 4 for p in jax.tree.leaves(params))
   dtype = FLAGS.weights_dtype

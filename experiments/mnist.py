@@ -15,6 +15,7 @@ the devices and the paper's random shifts run inside the jitted step.
 import os
 
 from absl import flags
+import numpy as np
 
 from capsjax import models
 from capsjax.data import Dataset
@@ -57,7 +58,7 @@ def evaluate_pretrained(run: tuple, dataset: Dataset) -> dict:
                                        loss_fn=classification_losses), state)
   common.say(f'Test accuracy {100 * record["test_accuracy"]:.2f}%, test error '
              f'{100 * record["test_error"]:.2f}% on '
-             f'{config.data.test_examples or len(dataset.test_images)} images, '
+             f'{min(config.data.test_examples or np.inf, len(dataset.test_images))} images, '
              f'{identity["checkpoint"]}.')
   return record
 

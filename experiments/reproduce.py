@@ -36,6 +36,7 @@ from absl import flags
 import jax
 
 from capsjax.errors import InputError
+from capsjax.training import RECIPES
 from experiments import common
 from experiments.reproduction import (
   PARTS,
@@ -55,9 +56,8 @@ flags.DEFINE_list('only', list(PARTS), f'Parts to run, in the order {", ".join(P
 flags.DEFINE_integer('multimnist_epochs', 50, 'Epochs of the MultiMNIST run.', lower_bound=1)
 flags.DEFINE_integer('affine_epochs', 50, 'Most epochs of each affine run.', lower_bound=1)
 flags.DEFINE_bool('estimate_only', False, 'Print the time each part needs here and stop.')
-# Given to every run, or set by each run itself: not passed on.
-OWN_FLAGS = ('epochs', 'seed', 'seeds', 'workdir', 'data_dir', 'model', 'routing_iters',
-             'recon_weight', 'validation_examples', 'stop_at_validation_accuracy')
+# Given to each run by reproduce itself: not passed on as given.
+OWN_FLAGS = ('epochs', 'seeds', 'workdir', 'data_dir')
 
 # What each step key times: experiments.benchmark's flags.
 BENCHMARKS = {
@@ -89,17 +89,49 @@ def step_seconds(sizes: Sequence[int], batch_size: int, dtype: str) -> Dict[str,
 
 
 def run_child(command: Sequence[str]) -> int:
-  """Run `command`, passing SIGTERM on; Ctrl-C reaches it directly (same terminal), and
-  this process waits for it to save its checkpoint and stop. Returns its exit status."""
-  child = subprocess.Popen(command)
-  handlers = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-              signal.SIGTERM: signal.signal(signal.SIGTERM,
-                                            lambda *_: child.send_signal(signal.SIGTERM))}
+  """Run `command` in a session of its own, passing SIGINT and SIGTERM on to it.
+
+  Only this process receives a terminal's Ctrl-C or a signal to the process
+  group, and forwards it once, so the child saves its checkpoint and stops (a
+  second signal stops it at once, as it would alone). Returns the child's exit
+  status, 128 + N if a signal N ended it.
+  """
+  handlers = {}
+  child = subprocess.Popen(command, start_new_session=True)
   try:
-    return child.wait()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      handlers[signum] = signal.signal(signum, lambda number, _: child.send_signal(number))
+    status = child.wait()
   finally:
     for signum, handler in handlers.items():
       signal.signal(signum, handler)
+  return 128 - status if status < 0 else status
+
+
+# Flags that make no sense for a reproduction: it trains, and sets these per run.
+REFUSED_FLAGS = ('eval_only', 'eval_file', 'export', 'pretrained', 'model', 'seed',
+                 'routing_iters', 'recon_weight', 'validation_examples',
+                 'stop_at_validation_accuracy')
+
+
+def check_flags(parts: Sequence[str]) -> None:
+  """Raise an `InputError` for a flag reproduce cannot honour (before anything runs)."""
+  given = [name for name in REFUSED_FLAGS if FLAGS[name].present]
+  if given:
+    raise InputError(f'--{given[0]} is not a reproduce flag: each part sets its runs\' models, '
+                     f'seeds and splits; run the experiment itself for other settings.')
+  if FLAGS['shift_pixels'].present and {'multimnist', 'affine'} & set(parts):
+    raise InputError('--shift_pixels applies to the MNIST runs only (MultiMNIST and affine '
+                     'place their digits themselves): add --only=mnist,table1.')
+  if 'model' in RECIPES[FLAGS.recipe]:
+    raise InputError(f'--recipe={FLAGS.recipe} trains another model than the paper\'s; give '
+                     f'a recipe of the paper\'s CapsNet (paper or fast).')
+
+
+def recipe_value(name: str):
+  """A setting as the runs will have it: the flag if given, else the recipe's, else the default."""
+  recipe = RECIPES[FLAGS.recipe]
+  return recipe[name] if name in recipe and not FLAGS[name].present else FLAGS[name].value
 
 
 def main() -> None:
@@ -108,8 +140,10 @@ def main() -> None:
     raise InputError(f'--only={",".join(FLAGS.only)}: {", ".join(unknown)} is not a part; '
                      f'choose among {",".join(PARTS)}.')
   parts = [part for part in PARTS if part in FLAGS.only]
-  plan = Plan(seeds=FLAGS.seeds, epochs=FLAGS.epochs, multimnist_epochs=FLAGS.multimnist_epochs,
-              affine_epochs=FLAGS.affine_epochs, batch_size=FLAGS.batch_size,
+  check_flags(parts)
+  plan = Plan(seeds=FLAGS.seeds, epochs=recipe_value('epochs'),
+              multimnist_epochs=FLAGS.multimnist_epochs, affine_epochs=FLAGS.affine_epochs,
+              batch_size=recipe_value('batch_size'),
               train_examples=FLAGS.train_examples, test_examples=FLAGS.test_examples,
               passed=passed_flags())
   todo = planned_runs(parts, FLAGS.workdir, plan)

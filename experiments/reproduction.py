@@ -116,8 +116,9 @@ def _mean_error(workdirs: Sequence[str]) -> Optional[str]:
   errors = []
   for workdir in workdirs:
     path = os.path.join(workdir, METRICS_FILE)
-    if os.path.isfile(path):
-      errors.append(100 * read_metrics(path, log=lambda line: None)[-1]['test_error'])
+    records = read_metrics(path, log=lambda line: None) if os.path.isfile(path) else []
+    if records:
+      errors.append(100 * records[-1]['test_error'])
   if not errors:
     return None
   std = f' +- {np.std(errors, ddof=1):.3f}' if len(errors) > 1 else ''

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -86,8 +87,14 @@ def test_weights_files_refuse_oversize_damage_and_unknown_names(tmp_path, monkey
   with pytest.raises(InputError, match="no shipped weights for 'fashion_mnist'; there are: "):
     pretrained.shipped_path('fashion_mnist')
   np.savez(str(tmp_path / 'plain.npz'), image=np.zeros(3))
-  with pytest.raises(InputError, match='not a capsjax weights file'):
+  with pytest.raises(InputError, match="not a capsjax weights file \\(it lacks 'run.json'\\)"):
     pretrained.read(str(tmp_path / 'plain.npz'))
+  with open(path, 'rb') as f:
+    head = f.read(os.path.getsize(path) // 2)
+  with open(tmp_path / 'cut.npz', 'wb') as f:  # a download cut short
+    f.write(head)
+  with pytest.raises(InputError, match='not a capsjax weights file'):
+    pretrained.read(str(tmp_path / 'cut.npz'))
 
 
 def test_command_line_evaluates_the_shipped_weights_and_refuses_what_it_cannot_do(tmp_path):
@@ -97,9 +104,11 @@ def test_command_line_evaluates_the_shipped_weights_and_refuses_what_it_cannot_d
               f'--data_dir={data_dir}')
   assert proc.returncode == 0, proc.stderr
   # The shipped file's accuracy on the first 1,000 test digits, as the exporter measured it.
+  # (measured on another device, maybe: one digit's difference at most.)
   line = [line for line in proc.stdout.splitlines() if line.startswith('Test accuracy')]
-  assert line and f'{100 * about[f"first_{FIRST}_test_accuracy"]:.2f}%' in line[0]
-  assert about[f'first_{FIRST}_test_accuracy'] >= 0.99
+  accuracy = float(re.match(r'Test accuracy ([\d.]+)%', line[0]).group(1)) / 100
+  assert abs(accuracy - about[f'first_{FIRST}_test_accuracy']) <= 1.001 / FIRST
+  assert accuracy >= 0.99
   assert f'on {FIRST} images, the shipped weights' in line[0]
   for args, message in (
       (('experiments.mnist', '--pretrained'), '--pretrained evaluates the shipped weights: add '

@@ -96,11 +96,18 @@ def test_passed_flags_are_the_training_flags_given_less_those_each_run_sets():
   assert proc.stdout.strip() == "['--dtype=bfloat16', '--ema_decay=0.5', '--recipe=fast']"
 
 
-def test_an_unknown_part_is_one_line_and_nothing_runs(tmp_path):
-  proc = subprocess.run([sys.executable, '-m', 'experiments.reproduce', '--only=mnist,cifar',
+@pytest.mark.parametrize('flags,message', [
+    (['--only=mnist,cifar'], '--only=mnist,cifar: cifar is not a part; choose among '
+                             'mnist,table1,multimnist,affine.'),
+    (['--model=baseline'], '--model is not a reproduce flag: each part sets its runs\' models'),
+    (['--shift_pixels=1'], '--shift_pixels applies to the MNIST runs only'),
+    (['--recipe=efficient_capsnet'], '--recipe=efficient_capsnet trains another model'),
+])
+def test_what_reproduce_cannot_honour_is_one_line_before_anything_runs(tmp_path, flags,
+                                                                        message):
+  proc = subprocess.run([sys.executable, '-m', 'experiments.reproduce', *flags,
                          f'--workdir={tmp_path / "r"}'], cwd=REPO, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 1
-  assert proc.stderr.strip() == ('error: --only=mnist,cifar: cifar is not a part; choose among '
-                                 'mnist,table1,multimnist,affine.')
+  assert proc.stderr.startswith(f'error: {message}') and len(proc.stderr.splitlines()) == 1
   assert not os.path.exists(tmp_path / 'r')
