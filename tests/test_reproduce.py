@@ -99,8 +99,6 @@ def test_passed_flags_are_the_training_flags_given_less_those_each_run_sets():
 @pytest.mark.parametrize('flags,message', [
     (['--only=mnist,cifar'], '--only=mnist,cifar: cifar is not a part; choose among '
                              'mnist,table1,multimnist,affine.'),
-    (['--model=baseline'], '--model is not a reproduce flag: each part sets its runs\' models'),
-    (['--shift_pixels=1'], '--shift_pixels applies to the MNIST runs only'),
     (['--recipe=efficient_capsnet'], '--recipe=efficient_capsnet trains another model'),
 ])
 def test_what_reproduce_cannot_honour_is_one_line_before_anything_runs(tmp_path, flags,
