@@ -21,7 +21,7 @@ import numpy as np
 
 from capsjax import data, files, pretrained, tasks
 from capsjax.errors import InputError
-from capsjax.training import Task, evaluation_params, rundir
+from capsjax.training import Task, evaluation_params
 from capsjax.training.loop import evaluate_state
 from experiments import common
 
@@ -41,7 +41,7 @@ def _accuracies(config, dataset, identity, params, state):
   task = Task(name=identity['dataset'], dataset=dataset,
               loss_fn=tasks.loss_by_name(identity['loss']))
   state = state.replace(params=params, ema=None)
-  first = rundir.config_from_identity({**identity, 'test_examples': FIRST_TEST_IMAGES})
+  first = config.replace(test_examples=FIRST_TEST_IMAGES)
   return (evaluate_state(config, task, state)['test_accuracy'],
           evaluate_state(first, task, state)['test_accuracy'])
 

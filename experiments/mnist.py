@@ -53,7 +53,7 @@ def evaluate_pretrained(run: tuple, dataset: Dataset) -> dict:
   identity) on `dataset`'s test split (its first --test_examples if given)."""
   config, state, identity = run
   if FLAGS['test_examples'].present:
-    config = TrainConfig.from_flat({**config.flat(), 'test_examples': FLAGS.test_examples})
+    config = config.replace(test_examples=FLAGS.test_examples)
   record = evaluate_state(config, Task(name=FLAGS.dataset, dataset=dataset,
                                        loss_fn=classification_losses), state)
   common.say(f'Test accuracy {100 * record["test_accuracy"]:.2f}%, test error '

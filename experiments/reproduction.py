@@ -92,10 +92,15 @@ def runs_of(part: str, workdir: str, plan: Plan) -> List[Run]:
           for model in ('capsnet', 'baseline')]
 
 
+def _records(workdir: str) -> List[dict]:
+  """The metrics records of the run in `workdir`, one per finished epoch ([] if none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  return read_metrics(path, log=lambda line: None) if os.path.isfile(path) else []
+
+
 def epochs_done(workdir: str) -> int:
   """Epochs a run in `workdir` has finished (0 if none)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  records = read_metrics(path, log=lambda line: None) if os.path.isfile(path) else []
+  records = _records(workdir)
   return records[-1]['epoch'] if records else 0
 
 
@@ -115,8 +120,7 @@ def hours(seconds: float) -> str:
 def _mean_error(workdirs: Sequence[str]) -> Optional[str]:
   errors = []
   for workdir in workdirs:
-    path = os.path.join(workdir, METRICS_FILE)
-    records = read_metrics(path, log=lambda line: None) if os.path.isfile(path) else []
+    records = _records(workdir)
     if records:
       errors.append(100 * records[-1]['test_error'])
   if not errors:
@@ -162,9 +166,7 @@ def write_results(workdir: str, plan: Plan) -> str:
   rows = results(workdir, plan)
   for row in rows:
     done = ', '.join(f'{epochs_done(r.workdir)}/{r.epochs}' for r in row['runs']) or '-'
-    wall = sum(rec['epoch_seconds'] for r in row['runs']
-               if os.path.isfile(os.path.join(r.workdir, METRICS_FILE))
-               for rec in read_metrics(os.path.join(r.workdir, METRICS_FILE), log=lambda _: None))
+    wall = sum(rec['epoch_seconds'] for r in row['runs'] for rec in _records(r.workdir))
     lines.append(f'| {row["result"]} | {row["paper"]} | {row["ours"] or "not run yet"} | {done} '
                  f'| {hours(wall) if wall else "-"} |')
   table = '\n'.join(lines) + '\n'
@@ -174,7 +176,6 @@ def write_results(workdir: str, plan: Plan) -> str:
       'device': where, 'rows': [{**row, 'runs': [r.workdir for r in row['runs']]}
                                 for row in rows]})
   return table
-
 
 
 def planned_runs(parts: Sequence[str], workdir: str, plan: Plan) -> Dict[str, List[Run]]:
