@@ -33,6 +33,7 @@ from capsjax import files, models, tasks, visualize
 from capsjax.analysis import interpret
 from capsjax.data import Dataset
 from capsjax.errors import InputError
+from capsjax.nn.layers import ITERATED_ROUTINGS
 from capsjax.training import TrainConfig, evaluation_params, rundir
 from experiments import common, mnist
 
@@ -42,8 +43,6 @@ flags.DEFINE_list('iterations', ['1', '2', '3', '5'],
                   '--workdir/rR.')
 FLAGS.set_default('workdir', 'runs/routing_iterations')
 
-# The routings whose iterations --iterations counts (self_attention is one pass).
-ITERATED_ROUTINGS = ('dynamic', 'em', 'inverted_attention')
 CHANGES_FILE = 'logit_changes.json'
 STUDY_NAME = 'routing_iterations'
 

@@ -113,6 +113,8 @@ class PrimaryCapsules(nn.Module):
 
 
 ROUTINGS = ('dynamic', 'em', 'self_attention', 'inverted_attention')
+# The routings that iterate (`routing_iters` counts their iterations); self-attention is one pass.
+ITERATED_ROUTINGS = ('dynamic', 'em', 'inverted_attention')
 
 
 class RoutedCapsules(nn.Module):
