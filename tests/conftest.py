@@ -6,11 +6,24 @@ import shutil
 import tempfile
 
 # Many tests compile the same small programs again, in this process and in the training
-# processes they start (a resume, an evaluation, each process of a multi-process run), so
-# the session shares JAX's persistent compilation cache: this process's own folder, passed
-# to its subprocesses in the environment, and deleted at exit. Set before JAX is imported.
-JIT_CACHE = tempfile.mkdtemp(prefix='capsjax-tests-jit-')
-atexit.register(shutil.rmtree, JIT_CACHE, ignore_errors=True)
+# processes they start (a resume, an evaluation, each process of a multi-process run), and
+# tests on both of pytest-xdist's workers train the same small models, so the session
+# shares JAX's persistent compilation cache: a folder made by the first process (xdist's
+# controller, whose environment its workers and their subprocesses inherit) and deleted
+# when it exits. With a size limit JAX locks the folder (with `filelock`) around each read
+# and write, so that no process reads an entry another is still writing; without
+# `filelock` each process keeps a folder of its own. Set before JAX is imported.
+try:
+  import filelock
+except ImportError:
+  filelock = None
+JIT_CACHE = os.environ.get('CAPSJAX_TESTS_JIT_CACHE') if filelock else None
+if not JIT_CACHE:
+  JIT_CACHE = tempfile.mkdtemp(prefix='capsjax-tests-jit-')
+  atexit.register(shutil.rmtree, JIT_CACHE, ignore_errors=True)
+  if filelock:
+    os.environ['CAPSJAX_TESTS_JIT_CACHE'] = JIT_CACHE
+    os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(16 << 30)  # a limit never reached
 os.environ.update(JAX_COMPILATION_CACHE_DIR=JIT_CACHE,
                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')

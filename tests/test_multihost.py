@@ -72,32 +72,40 @@ def test_two_processes_train_as_one(tmp_path, tiny_dataset):
   common = [f'--data_dir={tiny_dataset}', '--train_examples=64', '--test_examples=40']
   one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
   single = start([*common, f'--workdir={one}', '--epochs=2'], GLOBAL_DEVICES)
-  first_out, second_out = train_two_processes([*common, f'--workdir={two}', '--epochs=1'])
-  finish([single])
-  assert 'device(s) over 2 processes' in first_out
-  # The log is the first process's alone (gloo, the CPU collectives, prints lines of its own,
-  # interleaved from several threads).
-  for ours in ('training', 'compiled', 'epoch', 'Test accuracy'):
-    assert ours in first_out and ours not in second_out, ours
-  records = rundir.read_metrics(os.path.join(two, rundir.METRICS_FILE))
-  assert [r['epoch'] for r in records] == [1] and records[0]['num_devices'] == GLOBAL_DEVICES
-  assert os.path.isfile(os.path.join(two, rundir.CURVES_FILE))
-  assert_same_params(params_at(two, 4), params_at(one, 4))
-
-  # SIGTERM to the second process alone, inside epoch 2: both save the same step and stop.
+  # Two processes train epoch 1; SIGTERM to the second alone, inside epoch 2: both save the
+  # same step and stop.
   address = f'localhost:{free_port()}'
   procs = [start([*common, f'--workdir={two}', '--epochs=2', '--progress_seconds=0'],
                  GLOBAL_DEVICES // 2, (f'--coordinator_address={address}', '--num_processes=2',
                                        f'--process_id={n}')) for n in range(2)]
+  first_lines = []
   for line in procs[0].stdout:
+    first_lines.append(line)
     if line.startswith('  epoch 2/2 step 1/4'):
       procs[1].send_signal(signal.SIGTERM)
       break
-  errors = [proc.communicate(timeout=300)[1] for proc in procs]
-  assert [proc.returncode for proc in procs] == [143, 143], errors[0][-2000:]
-  assert 'Stopped by a stop request on another process after ' in errors[0]
-  out, _ = train_two_processes([*common, f'--workdir={two}', '--epochs=2'])
+  outputs = [proc.communicate(timeout=300) for proc in procs]
+  assert [proc.returncode for proc in procs] == [143, 143], outputs[0][1][-2000:]
+  assert 'Stopped by a stop request on another process after ' in outputs[0][1]
+  first_out, second_out = ''.join(first_lines) + outputs[0][0], outputs[1][0]
+  assert 'device(s) over 2 processes' in first_out
+  # The log is the first process's alone (gloo, the CPU collectives, prints lines of its own,
+  # interleaved from several threads).
+  for ours in ('training', 'compiled', 'epoch 1/2'):
+    assert ours in first_out and ours not in second_out, ours
+  records = rundir.read_metrics(os.path.join(two, rundir.METRICS_FILE))
+  assert [r['epoch'] for r in records] == [1] and records[0]['num_devices'] == GLOBAL_DEVICES
+  assert os.path.isfile(os.path.join(two, rundir.CURVES_FILE))
+  # Both processes saved the one stop step inside epoch 2, and the checkpointer keeps the two
+  # newest: epoch 1's end (step 4, compared below) and that step.
+  (stopped,) = [name for name in os.listdir(os.path.join(two, 'checkpoints')) if name != 'step_4']
+  assert stopped in ('step_5', 'step_6', 'step_7'), stopped
+  finish([single])
+  assert_same_params(params_at(two, 4), params_at(one, 4))
+
+  out, second_out = train_two_processes([*common, f'--workdir={two}', '--epochs=2'])
   assert 'Resumed from the checkpoint of ' in out
+  assert 'Test accuracy' in out and 'Test accuracy' not in second_out
   assert [r['epoch'] for r in rundir.read_metrics(os.path.join(two, rundir.METRICS_FILE))] == [1, 2]
   assert_same_params(params_at(two, 8), params_at(one, 8))
   single_record = rundir.read_metrics(os.path.join(one, rundir.METRICS_FILE))[-1]
