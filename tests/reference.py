@@ -85,7 +85,7 @@ def _log_gaussian(x, mean, variance):
 
 
 def em_routing(votes, activations, beta_u, beta_a, num_iters, inverse_temperature=0.01,
-               variance_epsilon=1e-6):
+               variance_epsilon=1e-6, normalize_mass=False):
   """EM routing, Hinton, Sabour, Frosst 2018, "Matrix capsules with EM routing", Procedure 1.
 
   For ONE example, by explicit loops over parents j, pose entries h and children i.
@@ -99,6 +99,8 @@ def em_routing(votes, activations, beta_u, beta_a, num_iters, inverse_temperatur
   and, when t < T, an E-step:
     p_ij = prod_h N(V_ijh; mu_jh, sigma2_jh),  R_ij = a_j p_ij / sum_k a_k p_ik,
   the ratio taken in logs (log a_j + sum_h log N) with the largest log subtracted.
+  With normalize_mass, the cost's sum_i R'_ij is first multiplied by
+  J / sum_j sum_i R'_ij (the masses average 1 over the parents).
 
   Returns:
     (mu [J, D], a_j [J], R [I, J] the assignment the last M-step used), float64.
@@ -115,16 +117,18 @@ def em_routing(votes, activations, beta_u, beta_a, num_iters, inverse_temperatur
     mu = np.zeros((num_out, dim))
     sigma2 = np.zeros((num_out, dim))
     a_out = np.zeros(num_out)
+    all_mass = sum(r[i, k] * a_in[i] for i in range(num_in) for k in range(num_out))
     for j in range(num_out):
       weights = [r[i, j] * a_in[i] for i in range(num_in)]  # R'_ij
       mass = sum(weights)
+      cost_mass = mass * num_out / all_mass if normalize_mass else mass
       total_cost = 0.0
       for h in range(dim):
         mu[j, h] = sum(weights[i] * votes[i, j, h] for i in range(num_in)) / mass
         sigma2[j, h] = sum(weights[i] * (votes[i, j, h] - mu[j, h]) ** 2
                            for i in range(num_in)) / mass + variance_epsilon
         log_sigma = 0.5 * np.log(sigma2[j, h])
-        total_cost += (beta_u[j] + log_sigma) * mass
+        total_cost += (beta_u[j] + log_sigma) * cost_mass
       a_out[j] = _logistic(lam * (beta_a[j] - total_cost))
     if t == num_iters:
       return mu, a_out, r

@@ -242,7 +242,7 @@ def test_each_routing_gives_the_scores_its_paper_defines(routing):
   u_hat = jnp.einsum('bik,ijdk->bijd', u, caps['weights'])
   if routing == 'em':  # the parent activations a_j, from the children's lengths
     _, expected, _ = jax.vmap(lambda p, a: capsjax.em_routing(
-        p, a, caps['beta_u'], caps['beta_a'], 3))(u_hat, safe_norm(u))
+        p, a, caps['beta_u'], caps['beta_a'], 3, normalize_mass=True))(u_hat, safe_norm(u))
   elif routing == 'self_attention':  # the squashed outputs' lengths
     expected = safe_norm(jax.vmap(lambda p: capsjax.self_attention_routing(
         p, caps['log_priors']))(u_hat)[0])

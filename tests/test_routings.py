@@ -28,7 +28,8 @@ from capsjax.nn.routing import (
 )
 from tests import reference
 
-EM = jax.jit(em_routing, static_argnames=('num_iters', 'inverse_temperature', 'variance_epsilon'))
+EM = jax.jit(em_routing, static_argnames=('num_iters', 'inverse_temperature', 'variance_epsilon',
+                                          'normalize_mass'))
 SELF_ATTENTION = jax.jit(self_attention_routing, static_argnames=('squash_fn',))
 INVERTED = jax.jit(inverted_dot_product_attention_routing, static_argnames=('num_iters', 'epsilon'))
 
@@ -88,19 +89,22 @@ def assert_gradients_close(grads, numeric):
 # ------------------------------------------------------------------------------ EM routing
 
 
-@pytest.mark.parametrize('shape, num_iters, per_parent, inverse_temperature', [
-    ((2, 2, 1), 3, True, 0.01),      # tiny
-    ((5, 8, 4), 1, False, 0.01),     # fewer children than parents, one M-step only
-    ((12, 5, 16), 2, True, 1.0),     # 4x4 poses; a sharp temperature: a_j far from 1/2
-    ((72, 10, 16), 3, False, 0.01),  # 3x3 kernel x 8 capsule types -> 10 classes
+@pytest.mark.parametrize('shape, num_iters, per_parent, inverse_temperature, normalize', [
+    ((2, 2, 1), 3, True, 0.01, False),      # tiny
+    ((5, 8, 4), 1, False, 0.01, False),     # fewer children than parents, one M-step only
+    ((12, 5, 16), 2, True, 1.0, False),     # 4x4 poses; a sharp temperature: a_j far from 1/2
+    ((72, 10, 16), 3, False, 0.01, False),  # 3x3 kernel x 8 capsule types -> 10 classes
+    ((12, 5, 16), 2, True, 1.0, True),      # the masses normalised (CapsNet's EM layer)
+    ((72, 10, 16), 3, False, 0.01, True),
 ])
-def test_em_matches_float64_reference(shape, num_iters, per_parent, inverse_temperature):
+def test_em_matches_float64_reference(shape, num_iters, per_parent, inverse_temperature,
+                                      normalize):
   votes, activations, beta_u, beta_a = em_inputs(shape, seed=sum(shape) + num_iters,
                                                  per_parent=per_parent)
   mu, a, r = EM(votes, activations, beta_u, beta_a, num_iters=num_iters,
-                inverse_temperature=inverse_temperature)
+                inverse_temperature=inverse_temperature, normalize_mass=normalize)
   mu_ref, a_ref, r_ref = reference.em_routing(votes, activations, beta_u, beta_a, num_iters,
-                                              inverse_temperature)
+                                              inverse_temperature, normalize_mass=normalize)
   assert mu.dtype == jnp.float32 and a.dtype == jnp.float32 and r.dtype == jnp.float32
   np.testing.assert_allclose(mu, mu_ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(a, a_ref, rtol=1e-4, atol=1e-6)
@@ -476,3 +480,33 @@ def test_inverted_bfloat16():
                                             * jnp.arange(16.0)).astype(jnp.float32)))(u_hat16)
   assert grad.dtype == jnp.bfloat16
   assert_all_finite(grad)
+
+
+def test_capsnet_em_layer_starts_inside_the_logistic_where_the_papers_masses_saturate():
+  # CapsNet's class layer at initialisation: 1,152 children with small votes. With the
+  # paper's masses every activation is 1 in float32, with no gradient to learn from; with
+  # the masses normalised (what CapsNet's EM layer uses) they start inside (0, 1).
+  from capsjax import CapsNet, init_params
+  from capsjax.analysis.interpret import prediction_vectors
+  model = CapsNet(routing='em', conv_features=16, use_decoder=False, conv_impl='xla')
+  images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 28, 28, 1)), jnp.float32)
+  params = init_params(model, jax.random.PRNGKey(0), (28, 28, 1))
+  out, state = model.apply({'params': params}, images, capture_intermediates=True)
+  assert bool(jnp.all((out.lengths > 0.05) & (out.lengths < 0.95))), out.lengths
+  (primary,) = state['intermediates']['primary_caps']['__call__']
+  u_hat = prediction_vectors(model, params, images)
+  assert u_hat.shape == (2, 1152, 10, 16)
+  routing = params['digit_caps']
+  for normalize, expected in ((True, out.lengths), (False, None)):
+    def lengths_from(beta_a):
+      return jax.vmap(lambda v, a: em_routing(v, a, routing['beta_u'], beta_a,
+                                              normalize_mass=normalize)[1])(
+                                                  u_hat, jnp.linalg.norm(primary, axis=-1))
+    activations = lengths_from(routing['beta_a'])
+    gradient = jax.grad(lambda b: jnp.sum(lengths_from(b)))(routing['beta_a'])
+    if normalize:  # the layer's own activations, and a gradient to learn from
+      np.testing.assert_allclose(activations, expected, rtol=1e-5)
+      assert bool(jnp.all(jnp.abs(gradient) > 1e-4))
+    else:
+      np.testing.assert_array_equal(activations, 1.0)
+      np.testing.assert_array_equal(gradient, 0.0)

@@ -124,8 +124,10 @@ class RoutedCapsules(nn.Module):
   (what the margin loss reads) and its direction its pose:
     dynamic: v_j, the paper's squashed outputs (Sabour et al. 2017);
     em: a_j mu_j / |mu_j|, the parent's activation along its pose (Hinton et
-      al. 2018); the children's activations are their lengths |u_i|, and
-      beta_u, beta_a are learned per parent;
+      al. 2018); the children's activations are their lengths |u_i|, beta_u,
+      beta_a are learned per parent, and the masses in the cost are normalised
+      (`em_routing`'s normalize_mass: with the paper's, all ten activations are
+      1 from initialisation on and the network does not learn);
     self_attention: the Efficient-CapsNet-squashed outputs, with learned log
       priors [num_in, num_capsules] (Mazzia et al. 2021; one pass, routing_iters
       is not used);
@@ -178,7 +180,8 @@ class RoutedCapsules(nn.Module):
       beta_a = self.param('beta_a', zeros, (num_out,), self.param_dtype)
       lengths = safe_norm(u.astype(jnp.float32))
       poses, activations, assignment = jax.vmap(
-          lambda votes, a: em_routing(votes, a, beta_u, beta_a, self.routing_iters))(u_hat, lengths)
+          lambda votes, a: em_routing(votes, a, beta_u, beta_a, self.routing_iters,
+                                      normalize_mass=True))(u_hat, lengths)
       return _with_length(poses, activations), assignment
     if self.routing == 'self_attention':
       log_priors = self.param('log_priors', zeros, (num_in, num_out), self.param_dtype)

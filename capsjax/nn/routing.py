@@ -163,7 +163,8 @@ def _check_predictions(u_hat: jax.Array, name: str) -> None:
 
 def em_routing(votes: jax.Array, activations: jax.Array, beta_u: jax.Array, beta_a: jax.Array,
                num_iters: int = 3, *, inverse_temperature: float = 0.01,
-               variance_epsilon: float = 1e-6) -> Tuple[jax.Array, jax.Array, jax.Array]:
+               variance_epsilon: float = 1e-6, normalize_mass: bool = False
+               ) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """EM routing between capsules for ONE example (Hinton, Sabour, Frosst 2018).
 
   "Matrix capsules with EM routing", Procedure 1: each parent j is a Gaussian
@@ -181,6 +182,16 @@ def em_routing(votes: jax.Array, activations: jax.Array, beta_u: jax.Array, beta
   and sigma^2 floored by `variance_epsilon`: no exp of a large log-density,
   no log of 0, for votes that agree exactly or activations of 0.
 
+  The cost grows with the mass sum_i R_ij a_i a parent receives, so with many
+  children (the 1,152 primary capsules of CapsNet's class layer) and small
+  initial votes, lambda (beta_a - sum_h cost_h) is large and every a_j is 1 to
+  float precision, where its gradient vanishes: the network cannot start to
+  learn. `normalize_mass=True` scales each parent's mass in the cost by num_out /
+  sum_j' mass_j', so the masses average 1 over the parents, whatever the number
+  of children (the pitfall "normalising the amount of data assigned to parent
+  capsules" of Gritzman 2019, arXiv:1907.00652); the Gaussians' means and
+  variances are unchanged.
+
   Args:
     votes: [num_in, num_out, dim] V_ij (a 4x4 pose matrix is dim 16), any float dtype.
     activations: [num_in] a_i in [0, 1].
@@ -189,6 +200,7 @@ def em_routing(votes: jax.Array, activations: jax.Array, beta_u: jax.Array, beta
     num_iters: static Python int >= 1 (the paper uses 3).
     inverse_temperature: lambda of the last iteration.
     variance_epsilon: added to each sigma^2.
+    normalize_mass: scale the masses in the cost to a mean of 1 over the parents.
 
   Returns:
     (poses, parent_activations, assignment): mu [num_out, dim] in the votes'
@@ -211,6 +223,8 @@ def em_routing(votes: jax.Array, activations: jax.Array, beta_u: jax.Array, beta
     share = weights / jnp.where(mass > 0, mass, 1.0)                           # sums to 1 over i
     mean = jnp.einsum('ij,ijd->jd', share, v)
     variance = jnp.einsum('ij,ijd->jd', share, jnp.square(v - mean)) + variance_epsilon
+    if normalize_mass:
+      mass = mass * (num_out / jnp.maximum(jnp.sum(mass), jnp.finfo(jnp.float32).tiny))
     cost = (beta_u[:, None] + 0.5 * jnp.log(variance)) * mass[:, None]        # [J, D]
     temperature = inverse_temperature * (iteration + 1) / num_iters
     logits = temperature * (beta_a - jnp.sum(cost, axis=-1))                   # [J]
