@@ -156,6 +156,12 @@ def finished_record(workdir: str, epochs: int) -> Optional[dict]:
   return records[-1] if records and records[-1]['epoch'] >= epochs else None
 
 
+def wall_seconds(workdir: str) -> float:
+  """The seconds a run in `workdir` took: its epochs' (with their evaluations), summed."""
+  return sum(record['epoch_seconds']
+             for record in read_metrics(os.path.join(workdir, METRICS_FILE), log=say))
+
+
 def train_or_read(config: TrainConfig, task, workdir: str, label: str) -> dict:
   """Train (resuming) the run in `workdir`, or read it back if it has trained all its epochs.
 

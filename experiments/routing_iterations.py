@@ -149,12 +149,11 @@ def logit_changes(config: TrainConfig, workdir: str, record: dict,
 def summarize(r: int, config: TrainConfig, workdir: str, record: dict,
               changes: Optional[List[float]]) -> dict:
   """One run's row of the study: its last epoch, wall time, parameters and logit changes."""
-  records = rundir.read_metrics(os.path.join(workdir, rundir.METRICS_FILE))
   return {'iterations': r, 'workdir': workdir, 'parameters': common.count_parameters(config),
           'epochs': record['epoch'], 'train_loss': record['train_loss'],
           'train_error': 1.0 - record['train_accuracy'], 'test_loss': record['test_loss'],
           'test_error': record['test_error'],
-          'wall_seconds': sum(rec['epoch_seconds'] for rec in records),
+          'wall_seconds': common.wall_seconds(workdir),
           'logit_changes': changes}
 
 

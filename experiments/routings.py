@@ -26,7 +26,7 @@ from capsjax import files
 from capsjax.data import Dataset
 from capsjax.errors import InputError
 from capsjax.nn.layers import ITERATED_ROUTINGS
-from capsjax.training import TrainConfig, rundir
+from capsjax.training import TrainConfig
 from experiments import common, mnist
 
 
@@ -108,14 +108,13 @@ def run_variant(variant: Variant, dataset: Dataset) -> dict:
   workdir = os.path.join(FLAGS.workdir, variant.name)
   record = common.train_or_read(config, mnist.mnist_task(config, dataset, workdir), workdir,
                                 variant.name)
-  records = rundir.read_metrics(os.path.join(workdir, rundir.METRICS_FILE))
   iterated = config.model.name == 'capsnet' and config.model.routing in ITERATED_ROUTINGS
   iterations = config.model.routing_iters if iterated else None
   return {'variant': variant.name, 'description': variant.description, 'workdir': workdir,
           'routing_iters': iterations, 'parameters': common.count_parameters(config),
           'epochs': record['epoch'], 'test_error': record['test_error'],
           'train_images_per_second': record['images_per_sec'],
-          'wall_seconds': sum(rec['epoch_seconds'] for rec in records),
+          'wall_seconds': common.wall_seconds(workdir),
           'paper_error_percent': variant.paper_error, 'paper_source': variant.source}
 
 
