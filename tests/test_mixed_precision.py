@@ -1,5 +1,7 @@
 """--dtype=bfloat16: bfloat16 products that sum in float32, and gradients close to float32's."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +18,16 @@ PRODUCTS = ('dot_general', 'conv_general_dilated')
 
 
 def products(jaxpr):
-  """Every dot_general and conv_general_dilated equation of a jaxpr, nested ones included."""
+  """Every dot_general and conv_general_dilated equation of a jaxpr, nested ones included.
+
+  The matmul convolution's primitive is opened up into the products it lowers to.
+  """
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in PRODUCTS:
       yield eqn
+    if eqn.primitive is conv._conv_p:
+      forward = functools.partial(conv._matmul_forward, **eqn.params)
+      yield from products(jax.make_jaxpr(forward)(*(v.aval for v in eqn.invars)).jaxpr)
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else [value]:
         sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr's Jaxpr
@@ -65,6 +73,25 @@ def test_every_bfloat16_product_of_the_gradient_sums_in_float32(batch):
   _, params32, mean_loss32 = loss_and_grads('float32', *batch)
   for eqn in products(jax.make_jaxpr(jax.grad(mean_loss32))(params32).jaxpr):
     assert all(v.aval.dtype == jnp.float32 for v in eqn.invars + eqn.outvars), eqn
+
+
+def test_matmul_convolution_backward_products_take_the_fast_bfloat16_form():
+  # XLA's CPU backend runs a product through its fast bf16 kernel only with bfloat16 on both
+  # sides and the left operand contracting its last axis (BENCHMARKS.md). Autodiff's own
+  # backward would multiply a float32 G, and contract the columns' first axis for the kernel.
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 20, 20, 64), jnp.bfloat16)
+  w = jax.random.normal(jax.random.PRNGKey(1), (9, 9, 64, 16), jnp.bfloat16)
+  loss = lambda x, w: jnp.sum(conv.conv2d_matmul(x, w, 2).astype(jnp.float32) ** 2)
+  found = list(products(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w).jaxpr))
+  groups = len(conv._row_groups(9, 9 * 64))
+  half = [e for e in found if any(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+  # Forward, input gradient and kernel gradient per group of kernel rows, and G.T once.
+  assert len(half) == 3 * groups + 1, len(half)
+  for eqn in half:
+    (lhs_contract, _), _ = eqn.params['dimension_numbers']
+    assert all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars), eqn
+    assert eqn.params['preferred_element_type'] == jnp.float32, eqn
+    assert tuple(lhs_contract) == (eqn.invars[0].aval.ndim - 1,), eqn
 
 
 def test_bfloat16_gradients_are_float32s_within_bfloat16_rounding(batch):

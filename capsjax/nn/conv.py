@@ -12,9 +12,13 @@ Hessian-vector products too).
 In bfloat16 both forms take bfloat16 operands and accumulate in float32
 (`preferred_element_type`), rounding the result to bfloat16 once. XLA's CPU
 backend runs a product of that form through its fast bf16 dot kernels (on a
-Zen 4 CPU at 1.8x the float32 rate); a bfloat16-to-bfloat16 product is not
-one of them and ran at the float32 rate or below, with 8-bit sums besides.
-BENCHMARKS.md has the measurements, and the two products that stay slow.
+Zen 4 CPU at 1.8x the float32 rate), but only with bfloat16 on both sides and
+a left operand that contracts its last axis; a bfloat16-to-bfloat16 product is
+not one of them and ran at the float32 rate or below. The matmul form is
+therefore a primitive with its own gradient rules, whose backward products
+take that form too (autodiff's would not: see `_kernel_grad`): its bfloat16
+training step runs at 1.9x the float32 one there. BENCHMARKS.md has the
+measurements.
 """
 
 import math
@@ -68,17 +72,33 @@ def _row_groups(kernel_h, row_values):
 
 
 def _extract_columns(x, *, kernel_h, kernel_w, stride):
-  """im2col per kernel-row group: [B, out_h, out_w, rows * kernel_w * C] each, taps (ky, kx, c)."""
+  """im2col per kernel-row group: [B, out_h, out_w, rows * kernel_w * C] each, taps (ky, kx, c).
+
+  Each tap's strided window is written into its place in the group's buffer
+  (`dynamic_update_slice`, in place) rather than concatenated, and the values
+  are moved as unsigned integers of their width: XLA's CPU backend copies
+  bfloat16 through float32 and builds a concatenation element by element,
+  where this form is a run of plain copies, several times faster for
+  PrimaryCaps (BENCHMARKS.md).
+  """
   _, height, width, channels = x.shape
   out_h = output_size(height, kernel_h, stride)
   out_w = output_size(width, kernel_w, stride)
+  bits = lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * x.dtype.itemsize}'))
 
   def patches(ky: int, kx: int) -> jax.Array:
-    return x[:, ky:ky + stride * (out_h - 1) + 1:stride,
-             kx:kx + stride * (out_w - 1) + 1:stride, :]
+    return bits[:, ky:ky + stride * (out_h - 1) + 1:stride,
+                kx:kx + stride * (out_w - 1) + 1:stride, :]
 
-  return [jnp.concatenate([patches(ky, kx) for ky in group for kx in range(kernel_w)], axis=-1)
-          for group in _row_groups(kernel_h, kernel_w * channels)]
+  columns = []
+  for group in _row_groups(kernel_h, kernel_w * channels):
+    out = jnp.zeros((x.shape[0], out_h, out_w, len(group) * kernel_w * channels), bits.dtype)
+    for i, ky in enumerate(group):
+      for kx in range(kernel_w):
+        offset = (i * kernel_w + kx) * channels
+        out = lax.dynamic_update_slice(out, patches(ky, kx), (0, 0, 0, offset))
+    columns.append(lax.bitcast_convert_type(out, x.dtype))
+  return columns
 
 
 def _col2im(column_grads, x_shape, *, kernel_h, kernel_w, stride):
@@ -141,7 +161,11 @@ def _columns_abstract_eval(x, *, kernel_h, kernel_w, stride):
 
 
 def _columns_transpose(column_cts, x, **params):
-  return [_col2im([ad.instantiate_zeros(ct) for ct in column_cts], x.aval.shape, **params)]
+  # Summed in float32 for half precision: more exact, and 3x faster for bfloat16
+  # on XLA's CPU backend, which adds bfloat16 through float32 one element at a time.
+  acc = accumulation_dtype(x.aval.dtype)
+  column_cts = [ad.instantiate_zeros(ct).astype(acc) for ct in column_cts]
+  return [_col2im(column_cts, x.aval.shape, **params).astype(x.aval.dtype)]
 
 
 def _columns_batch(args, dims, **params):
@@ -160,6 +184,110 @@ def _columns(x, kernel_h, kernel_w, stride):
   return _columns_p.bind(x, kernel_h=kernel_h, kernel_w=kernel_w, stride=stride)
 
 
+def _matmul_forward(x, kernel, *, stride):
+  """The convolution's value: one product per kernel-row group of the columns, summed."""
+  kernel_h, kernel_w, channels, features = kernel.shape
+  groups = _row_groups(kernel_h, kernel_w * channels)
+  columns = _columns(x, kernel_h, kernel_w, stride)
+  out = None
+  for group, cols in zip(groups, columns):
+    weights = kernel[group.start:group.stop].reshape(-1, features)
+    term = lax.dot(cols.reshape(-1, cols.shape[-1]), weights,
+                   preferred_element_type=accumulation_dtype(x.dtype))
+    out = term if out is None else out + term
+  return out.astype(x.dtype).reshape(*columns[0].shape[:3], features)
+
+
+def _product(a, b, contract_a, contract_b, dtype):
+  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                         preferred_element_type=dtype)
+
+
+def _input_grad(out_ct, x, kernel, *, stride):
+  """d/dx: each group's columns' gradient G @ W_g.T, summed back onto the pixels (col2im).
+
+  G arrives in x's dtype, so in bfloat16 the products take bfloat16 on both sides
+  (the fast kernel), where autodiff's form would multiply a float32 G; the col2im
+  sums in float32 and rounds once.
+  """
+  kernel_h, kernel_w, channels, features = kernel.shape
+  acc = accumulation_dtype(x.aval.dtype)
+  grads = out_ct.reshape(-1, features)
+  column_grads = [
+      _product(grads, kernel[group.start:group.stop].reshape(-1, features), 1, 1, acc)
+      .reshape(*out_ct.shape[:3], -1)
+      for group in _row_groups(kernel_h, kernel_w * channels)]
+  return _columns_transpose(column_grads, x, kernel_h=kernel_h, kernel_w=kernel_w,
+                            stride=stride)[0]
+
+
+def _kernel_grad(out_ct, x, kernel, *, stride):
+  """d/dkernel: per group, the columns (extracted again) contracted with G over the positions.
+
+  Autodiff would write this as `columns.T @ G`, a product that contracts the
+  first axis of its left operand. XLA's CPU backend runs that form only after
+  converting both operands to float32, at the float32 rate, and folds any
+  transpose written before or after it back into that form. A product with an
+  identity matrix is a transpose it keeps: `G.T = I @ G.T` (exact, 2F/K of the
+  work) and `dW = (G.T @ columns).T` then take the fast bfloat16 kernel. Groups
+  that contract over fewer values than there are features (Conv1: 81 against 256)
+  keep autodiff's form, where the identities would cost more than they save.
+  """
+  kernel_h, kernel_w, channels, features = kernel.aval.shape
+  dtype = x.dtype
+  acc = accumulation_dtype(dtype)
+  grads = out_ct.reshape(-1, features)
+  grads_t = None
+  pieces = []
+  for group, cols in zip(_row_groups(kernel_h, kernel_w * channels),
+                         _columns(x, kernel_h, kernel_w, stride)):
+    cols = cols.reshape(grads.shape[0], -1)
+    if cols.shape[1] > features:
+      if grads_t is None:
+        grads_t = _product(jnp.eye(features, dtype=dtype), grads, 1, 1, acc).astype(dtype)
+      piece = _product(_product(grads_t, cols, 1, 0, acc), jnp.eye(features, dtype=acc), 0, 0, acc)
+    else:
+      piece = _product(cols, grads, 0, 0, acc)
+    pieces.append(piece.reshape(len(group), kernel_w, channels, features))
+  return jnp.concatenate(pieces, axis=0).astype(kernel.aval.dtype)
+
+
+# The matmul convolution is a primitive of its own, bilinear in (x, kernel), so
+# that reverse mode gets the two products above, in the forms XLA's CPU backend
+# runs fast, and the col2im (a `jax.custom_vjp` would rule out jvp, jacfwd and
+# Hessian-vector products; a `jax.custom_jvp`'s tangent map is transposed by
+# autodiff). Forward mode binds it again on the tangents, as for any bilinear
+# map; the gradient rules are ordinary JAX code, so they differentiate again.
+_conv_p = Primitive('capsjax_conv_matmul')
+_conv_p.def_impl(_matmul_forward)
+mlir.register_lowering(_conv_p, mlir.lower_fun(_matmul_forward, multiple_results=False))
+
+
+@_conv_p.def_abstract_eval
+def _conv_abstract_eval(x, kernel, *, stride):
+  batch, height, width, _ = x.shape
+  kernel_h, kernel_w, _, features = kernel.shape
+  return jax.core.ShapedArray((batch, output_size(height, kernel_h, stride),
+                               output_size(width, kernel_w, stride), features), x.dtype)
+
+
+def _conv_batch(args, dims, *, stride):
+  x, kernel = args
+  x_dim, kernel_dim = dims
+  if kernel_dim is None:
+    # Extra vmapped axes of x fold into its batch axis: every image is convolved alike.
+    x = jnp.moveaxis(x, x_dim, 0)
+    out = _conv_p.bind(x.reshape(-1, *x.shape[2:]), kernel, stride=stride)
+    return out.reshape(*x.shape[:2], *out.shape[1:]), 0
+  # A kernel per vmapped index takes the plain form, which vmap batches by itself.
+  return jax.vmap(lambda x, kernel: _matmul_forward(x, kernel, stride=stride),
+                  in_axes=(x_dim, kernel_dim))(x, kernel), 0
+
+
+ad.defbilinear(_conv_p, _input_grad, _kernel_grad)
+batching.primitive_batchers[_conv_p] = _conv_batch
+
+
 def conv2d_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """VALID convolution as grouped im2col matrix products (col2im in the backward pass).
 
@@ -172,15 +300,9 @@ def conv2d_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     [batch, out_h, out_w, out_channels] in x's dtype, summed in float32 or wider,
     out = (size - kernel) // stride + 1.
   """
-  kernel_h, kernel_w, channels, features = kernel.shape
-  groups = _row_groups(kernel_h, kernel_w * channels)
-  out = None
-  for group, columns in zip(groups, _columns(x, kernel_h, kernel_w, stride)):
-    weights = kernel[group.start:group.stop].reshape(-1, features)
-    term = lax.dot(columns.reshape(-1, columns.shape[-1]), weights,
-                   preferred_element_type=accumulation_dtype(x.dtype))
-    out = term if out is None else out + term
-  return out.astype(x.dtype).reshape(*columns.shape[:3], features)
+  if kernel.dtype != x.dtype:
+    raise TypeError(f'conv2d_matmul takes a kernel of x\'s dtype {x.dtype}, got {kernel.dtype}.')
+  return _conv_p.bind(x, kernel, stride=stride)
 
 
 def conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
