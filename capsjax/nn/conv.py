@@ -139,12 +139,12 @@ def _col2im(column_grads, x_shape, *, kernel_h, kernel_w, stride):
   return interleaved[:, :height, :width]
 
 
-# The patch extraction is a primitive of its own because it needs both a custom
-# transpose (the col2im above, for reverse mode) and a forward-mode rule: a
-# `jax.custom_vjp` rules out jvp, jacfwd and Hessian-vector products, and the
-# tangent map of a `jax.custom_jvp` is transposed by autodiff, not by the col2im.
-# Being linear, its JVP applies the extraction to the tangent and its
-# transpose is the col2im, whichever mode composes them.
+# The patch extraction is a linear primitive of its own, so that differentiating
+# it anywhere (the kernel gradient below, which extracts the columns again, when it
+# is differentiated for second derivatives; a kernel-batched vmap) gives the
+# col2im as its transpose and the extraction again as its JVP, rather than
+# autodiff's transposes of 81 strided slices. Its integer copies have no
+# derivative of their own.
 _columns_p = Primitive('capsjax_conv_columns')
 _columns_p.multiple_results = True
 _columns_p.def_impl(_extract_columns)
@@ -225,24 +225,29 @@ def _kernel_grad(out_ct, x, kernel, *, stride):
   """d/dkernel: per group, the columns (extracted again) contracted with G over the positions.
 
   Autodiff would write this as `columns.T @ G`, a product that contracts the
-  first axis of its left operand. XLA's CPU backend runs that form only after
-  converting both operands to float32, at the float32 rate, and folds any
-  transpose written before or after it back into that form. A product with an
-  identity matrix is a transpose it keeps: `G.T = I @ G.T` (exact, 2F/K of the
-  work) and `dW = (G.T @ columns).T` then take the fast bfloat16 kernel. Groups
-  that contract over fewer values than there are features (Conv1: 81 against 256)
-  keep autodiff's form, where the identities would cost more than they save.
+  first axis of its left operand. In bfloat16, XLA's CPU backend runs that form
+  only after converting both operands to float32, at the float32 rate, and folds
+  any transpose written before or after it back into that form. A product with an
+  identity matrix is a transpose it keeps: `G.T = I @ G` and `dW = (G.T @ columns).T`
+  then take the fast bfloat16 kernel. The identities cost F/K (G.T, once per
+  layer) and F/N (per group) of the product's work for F features, K = the
+  group's values and N positions, so a group with K or N no more than F (Conv1:
+  81 values against 256 features) keeps autodiff's form. An identity product
+  copies every finite normal number exactly, but 0 * inf is NaN, so one
+  non-finite value in G makes every feature's gradient NaN, not one feature's.
+  Wider dtypes keep autodiff's form, which runs at their full rate.
   """
   kernel_h, kernel_w, channels, features = kernel.aval.shape
   dtype = x.dtype
   acc = accumulation_dtype(dtype)
   grads = out_ct.reshape(-1, features)
+  half_precision = acc != dtype
   grads_t = None
   pieces = []
   for group, cols in zip(_row_groups(kernel_h, kernel_w * channels),
                          _columns(x, kernel_h, kernel_w, stride)):
     cols = cols.reshape(grads.shape[0], -1)
-    if cols.shape[1] > features:
+    if half_precision and min(cols.shape) > features:
       if grads_t is None:
         grads_t = _product(jnp.eye(features, dtype=dtype), grads, 1, 1, acc).astype(dtype)
       piece = _product(_product(grads_t, cols, 1, 0, acc), jnp.eye(features, dtype=acc), 0, 0, acc)
@@ -299,6 +304,9 @@ def conv2d_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   Returns:
     [batch, out_h, out_w, out_channels] in x's dtype, summed in float32 or wider,
     out = (size - kernel) // stride + 1.
+
+  Raises:
+    TypeError: when the kernel's dtype is not x's.
   """
   if kernel.dtype != x.dtype:
     raise TypeError(f'conv2d_matmul takes a kernel of x\'s dtype {x.dtype}, got {kernel.dtype}.')
